@@ -997,4 +997,14 @@ mod tests {
         assert_eq!(lines(e), vec![3, 4]);
         assert!(parse("[(?P<app>a)]\nhost=h\ninstall_command = run {app} {name} {file}\n").is_ok());
     }
+
+    #[test]
+    fn shipped_example_config_is_valid_and_documents_every_key() {
+        let text = include_str!("../dispatch.example.ini");
+        let c = parse(text).unwrap();
+        assert_eq!(c.routes.len(), 2);
+        for k in ROUTE_KEYS.iter().chain(SETTINGS_KEYS) {
+            assert!(text.contains(&format!("{k} =")), "{k} not documented");
+        }
+    }
 }

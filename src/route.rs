@@ -115,7 +115,11 @@ pub fn dest_dir(
     for (k, v) in &vars {
         safe_component(&format!("placeholder {{{k}}} ="), v)?;
     }
-    safe_component("file name", &routed.name)?;
+    // the file name itself never becomes part of the directory; it is quoted
+    // wherever it is used, so only what cannot be a file name is refused
+    if routed.name.is_empty() || routed.name == "." || routed.name == ".." || routed.name.contains(['/', '\0']) {
+        return Err(UnsafePath(format!("{:?} is not a file name", routed.name)));
+    }
     vars.insert("name".into(), routed.name.clone());
     vars.insert("host".into(), host.to_string());
     vars.insert("section".into(), routed.route.section.clone());

@@ -1,0 +1,50 @@
+//! Logging: log4rs from a YAML file (`--log-config`, `log_config`), else plain
+//! stderr at the level asked for with `-q`/`-v`.
+//!
+//! Targets are module paths (`dispatch::transport::ssh`), so a `logger.yaml`
+//! can turn up one stage. Lines carry the subject first (`name: host: …`).
+
+use std::path::Path;
+
+use log::LevelFilter;
+use log4rs::append::console::{ConsoleAppender, Target};
+use log4rs::config::{Appender, Config, Root};
+use log4rs::encode::pattern::PatternEncoder;
+
+/// The stderr pattern when no logger.yaml is given.
+const STDERR_PATTERN: &str = "{d(%Y-%m-%d %H:%M:%S%.3f)} {h({l:5})} [{T}] {M}: {m}{n}";
+
+/// Start logging. A broken logger.yaml is reported and stderr is used instead.
+pub fn init(file: Option<&Path>, level: LevelFilter) -> Result<(), String> {
+    if let Some(path) = file {
+        match log4rs::config::load_config_file(path, Default::default()) {
+            Ok(cfg) => {
+                return log4rs::init_config(cfg)
+                    .map(|_| ())
+                    .map_err(|e| format!("{}: {e}", path.display()));
+            }
+            Err(e) => {
+                init_stderr(level);
+                return Err(format!(
+                    "{}: cannot load log config ({e}); logging to stderr",
+                    path.display()
+                ));
+            }
+        }
+    }
+    init_stderr(level);
+    Ok(())
+}
+
+fn init_stderr(level: LevelFilter) {
+    let console = ConsoleAppender::builder()
+        .target(Target::Stderr)
+        .encoder(Box::new(PatternEncoder::new(STDERR_PATTERN)))
+        .build();
+    let cfg = Config::builder()
+        .appender(Appender::builder().build("stderr", Box::new(console)))
+        .build(Root::builder().appender("stderr").build(level));
+    if let Ok(cfg) = cfg {
+        let _ = log4rs::init_config(cfg);
+    }
+}
