@@ -38,6 +38,8 @@ pub struct Item {
     pub groups: BTreeMap<String, String>,
     /// Journal package id, if recorded.
     pub package: Option<i64>,
+    /// Send to these hosts of the route only (a retry); `None` = all.
+    pub only_hosts: Option<Vec<String>>,
 }
 
 impl Item {
@@ -53,6 +55,7 @@ impl Item {
             route: idx,
             path,
             package: None,
+            only_hosts: None,
         })
     }
 
@@ -121,6 +124,9 @@ impl Batch {
         for item in items {
             let route = &self.config.routes[item.route];
             for host in &route.hosts {
+                if item.only_hosts.as_ref().is_some_and(|o| !o.contains(host)) {
+                    continue;
+                }
                 let pos = groups.iter().position(|(h, r, ..)| {
                     h == host && same_connection(&self.config.routes[*r], route)
                 });
