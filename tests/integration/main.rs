@@ -5,3 +5,4 @@
 mod servers;
 
 mod harness_smoke;
+mod ftp_transport;
