@@ -237,7 +237,19 @@ pub struct RawSection {
     pub entries: Vec<RawEntry>,
 }
 
+/// Name given to a section whose header was unreadable: its keys are
+/// skipped instead of being blamed on the section before it.
+const BROKEN: &str = "\u{0}broken";
+
 impl RawSection {
+    fn broken(line: usize) -> RawSection {
+        RawSection {
+            name: BROKEN.to_string(),
+            line,
+            entries: Vec::new(),
+        }
+    }
+
     fn get(&self, key: &str) -> Option<&RawEntry> {
         self.entries.iter().find(|e| e.key == key)
     }
@@ -288,14 +300,16 @@ pub fn parse_ini(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Ra
                     lineno,
                     format!("section header must end with ']': {trimmed}"),
                 );
+                sections.push(RawSection::broken(lineno));
                 continue;
             }
             let name = trimmed[1..trimmed.len() - 1].trim().to_string();
             if name.is_empty() {
                 err(lineno, "empty section name []".to_string());
+                sections.push(RawSection::broken(lineno));
                 continue;
             }
-            if let Some(prev) = sections.iter().find(|s| s.name == name) {
+            if let Some(prev) = sections.iter().find(|s| s.name == name && s.name != BROKEN) {
                 err(
                     lineno,
                     format!(
@@ -336,6 +350,9 @@ pub fn parse_ini(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Ra
             continue;
         };
         let section = &mut sections[sidx];
+        if section.name == BROKEN {
+            continue;
+        }
         if let Some(prev) = section.get(&key) {
             let prev_line = prev.line;
             err(
@@ -800,7 +817,7 @@ impl Config {
         let mut routes = Vec::new();
         let mut seen = Vec::new();
         for s in &sections {
-            if s.name == "DEFAULT" || s.name == "dispatch" || seen.contains(&s.name) {
+            if s.name == "DEFAULT" || s.name == "dispatch" || s.name == BROKEN || seen.contains(&s.name) {
                 continue;
             }
             seen.push(s.name.clone());

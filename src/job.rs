@@ -530,11 +530,12 @@ impl Lane {
         dir: &str,
         install: Option<&str>,
     ) -> Result<Uploaded, TransferError> {
-        let tmp = remote_join(dir, &temp_name(&item.name));
+        let tmp_name = temp_name(&item.name);
+        let tmp = remote_join(dir, &tmp_name);
         let want_sha = route.verify == Verify::Sha256;
         let ssh = self.ssh()?;
         ssh.mkdir_p(dir)?;
-        let (bytes, sha) = match ssh.scp_upload(&item.path, &tmp, want_sha) {
+        let (bytes, sha) = match ssh.scp_upload(&item.path, dir, &tmp_name, want_sha) {
             Ok(x) => x,
             Err(e) => {
                 let e = if ssh.is_alive() && e.kind != ErrorKind::Local {
@@ -554,7 +555,7 @@ impl Lane {
         // verify the temp file, rename it into place and install, in one call
         let script = finalize_script(route, dir, &item.name, bytes, sha.as_deref(), install);
         let limit = route.io_timeout + if install.is_some() { route.install_timeout + Duration::from_secs(15) } else { Duration::ZERO };
-        let out = ssh.exec(&script, limit);
+        let out = ssh.run_script(&script, limit);
         let out = match out {
             Ok(o) => o,
             Err(e) => {
@@ -706,8 +707,8 @@ fn wrap_install(cmd: &str, limit: Duration) -> String {
 }
 
 /// Verify the temp file, rename it into place, print the marker, then run the
-/// install command — one round trip per file. Run by `sh -c` so the remote
-/// login shell does not matter.
+/// install command — one round trip per file. Run by `sh` (through the
+/// session's script runner) so the remote login shell does not matter.
 fn finalize_script(
     route: &Route,
     dir: &str,
@@ -737,7 +738,7 @@ fn finalize_script(
     if let Some(cmd) = install {
         s.push_str(&wrap_install(cmd, route.install_timeout));
     }
-    format!("exec sh -c {}", shell_quote(&s))
+    s
 }
 
 #[cfg(test)]
@@ -754,7 +755,7 @@ mod tests {
     fn finalize_script_quotes_everything() {
         let c = Config::parse(std::path::Path::new("t"), "[x]\nhost=h\n").unwrap();
         let s = finalize_script(&c.routes[0], "d i r", "a'b;$(x)", 5, None, Some("echo {name}"));
-        assert!(s.starts_with("exec sh -c '"));
-        assert!(!s.contains("$(x)'"), "{s}");
+        assert!(s.starts_with("cd -- 'd i r' || exit 231; "), "{s}");
+        assert!(s.contains("mv -f -- '.a'\\''b;$(x).part' 'a'\\''b;$(x)'"), "{s}");
     }
 }

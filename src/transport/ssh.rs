@@ -194,7 +194,17 @@ pub struct SshSession {
     watchdog: Watchdog,
     target: SshTarget,
     made_dirs: Vec<String>,
+    /// A remote `scp -t DIR` receiving every file this session sends to DIR.
+    sink: Option<(String, ssh2::Channel)>,
+    /// A remote shell loop running one script per file (see [`DRIVER`]).
+    driver: Option<ssh2::Channel>,
 }
+
+/// Runs NUL-terminated scripts read from stdin, one at a time, each followed
+/// by a status line. One remote process per session instead of one login
+/// shell per file. GNU xargs gives each script /dev/null as stdin.
+const DRIVER: &str = "exec xargs -0 -n 1 sh -c '(eval \"$1\"); printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"' dispatch-driver";
+const RC_MARKER: &[u8] = b"\n@@dispatch:rc:";
 
 fn ssh_kind(e: &ssh2::Error) -> ErrorKind {
     match e.code() {
@@ -302,6 +312,8 @@ impl SshSession {
             watchdog,
             target: t.clone(),
             made_dirs: Vec::new(),
+            sink: None,
+            driver: None,
         };
         s.check_host_key()?;
         s.authenticate()?;
@@ -565,12 +577,15 @@ impl SshSession {
         Ok(())
     }
 
-    /// Stream `local` to `remote` (a temporary name) over SCP. Returns bytes
+    /// Stream `local` into `dir/tmp_name` over SCP (the legacy scp protocol,
+    /// spoken to one remote `scp -t` per directory and session, so a batch
+    /// of files costs one remote process, not one per file). Returns bytes
     /// sent and, if asked, the sha256 of what was sent.
     pub fn scp_upload(
         &mut self,
         local: &Path,
-        remote: &str,
+        dir: &str,
+        tmp_name: &str,
         want_sha: bool,
     ) -> Result<(u64, Option<String>), TransferError> {
         let mut f = std::fs::File::open(local).map_err(|e| {
@@ -580,25 +595,89 @@ impl SshSession {
             .metadata()
             .map_err(|e| TransferError::new(ErrorKind::Local, format!("cannot stat {}: {e}", local.display())))?
             .len();
-        let io = self.target.io_timeout;
-        self.watchdog.kick(io);
-        let r = self.scp_inner(&mut f, size, remote, want_sha);
+        if tmp_name.contains(['\n', '\r', '/']) {
+            return Err(TransferError::new(
+                ErrorKind::Local,
+                format!("temporary name {tmp_name:?} cannot travel in the scp protocol"),
+            ));
+        }
+        self.watchdog.kick(self.target.io_timeout);
+        let r = self.sink_send(&mut f, size, dir, tmp_name, want_sha);
         self.watchdog.disarm();
+        if r.is_err() {
+            self.sink = None;
+        }
         r
     }
 
-    fn scp_inner(
+    /// Read the sink's one-byte answer: 0 = ok, 1/2 + a message line = error.
+    fn sink_ack(&mut self, what: &str) -> Result<(), TransferError> {
+        let Some((_, ch)) = self.sink.as_mut() else {
+            return Err(TransferError::new(ErrorKind::Connect, "scp: no sink"));
+        };
+        let mut b = [0u8; 1];
+        let n = ch.read(&mut b);
+        match n {
+            Ok(1) if b[0] == 0 => Ok(()),
+            Ok(1) => {
+                let mut msg = Vec::new();
+                let mut c = [0u8; 1];
+                while msg.len() < 1024 {
+                    match ch.read(&mut c) {
+                        Ok(1) if c[0] != b'\n' => msg.push(c[0]),
+                        _ => break,
+                    }
+                }
+                let msg = String::from_utf8_lossy(&msg).trim().to_string();
+                let kind = if msg.contains("not found") && msg.contains("scp") {
+                    ErrorKind::Unavailable
+                } else {
+                    ErrorKind::Remote
+                };
+                Err(TransferError::new(
+                    kind,
+                    format!("ssh {}: scp {what}: {msg}", self.target.addr()),
+                ))
+            }
+            Ok(_) => Err(self.fail(
+                ErrorKind::Connect,
+                &format!("scp {what}"),
+                &"remote scp closed the connection (is scp installed on the host?)",
+            )),
+            Err(e) => Err(self.fail(io_kind(&e), &format!("scp {what}"), &e)),
+        }
+    }
+
+    fn sink_send(
         &mut self,
         f: &mut std::fs::File,
         size: u64,
-        remote: &str,
+        dir: &str,
+        tmp_name: &str,
         want_sha: bool,
     ) -> Result<(u64, Option<String>), TransferError> {
         let io = self.target.io_timeout;
-        let mut ch = self
-            .sess
-            .scp_send(Path::new(remote), 0o644, size, None)
-            .map_err(|e| self.fail(ssh_kind(&e), &format!("scp to {remote}"), &e))?;
+        if self.sink.as_ref().is_none_or(|(d, _)| d != dir) {
+            self.sink = None;
+            let mut ch = self
+                .sess
+                .channel_session()
+                .map_err(|e| self.fail(ssh_kind(&e), "open scp channel", &e))?;
+            // stderr of the remote scp would otherwise fill the window unread
+            ch.handle_extended_data(ExtendedData::Merge)
+                .map_err(|e| self.fail(ssh_kind(&e), "scp channel setup", &e))?;
+            let cmd = format!("scp -d -t -- {}", crate::route::shell_quote(dir));
+            ch.exec(&cmd)
+                .map_err(|e| self.fail(ssh_kind(&e), "start remote scp", &e))?;
+            self.sink = Some((dir.to_string(), ch));
+            self.sink_ack("start")?;
+        }
+        let header = format!("C0644 {size} {tmp_name}\n");
+        let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(header.as_bytes()));
+        if let Some(Err(e)) = w {
+            return Err(self.fail(io_kind(&e), "scp header", &e));
+        }
+        self.sink_ack(&format!("to {dir}/{tmp_name}"))?;
         let mut hasher = want_sha.then(Sha256::new);
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
@@ -616,30 +695,91 @@ impl SshSession {
             if let Some(h) = hasher.as_mut() {
                 h.update(&buf[..n]);
             }
-            ch.write_all(&buf[..n])
-                .map_err(|e| self.fail(io_kind(&e), &format!("scp to {remote}"), &e))?;
+            let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(&buf[..n]));
+            if let Some(Err(e)) = w {
+                return Err(self.fail(io_kind(&e), &format!("scp to {dir}/{tmp_name}"), &e));
+            }
             sent += n as u64;
             self.watchdog.kick(io);
         }
-        // end of file: a NUL, then scp -t answers with a NUL ack
-        ch.write_all(&[0])
-            .map_err(|e| self.fail(io_kind(&e), "scp end of file", &e))?;
-        let mut ack = [0u8; 1];
-        let _ = ch.read(&mut ack);
-        let _ = ch.send_eof();
-        let _ = ch.wait_eof();
-        let _ = ch.close();
-        let _ = ch.wait_close();
-        if self.watchdog.fired() {
-            return Err(self.fail(ErrorKind::Timeout, &format!("scp to {remote}"), &"stalled"));
+        // end of file: a NUL, then the sink acknowledges the whole file
+        let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(&[0]));
+        if let Some(Err(e)) = w {
+            return Err(self.fail(io_kind(&e), "scp end of file", &e));
         }
-        if ack[0] != 0 {
-            return Err(TransferError::new(
-                ErrorKind::Remote,
-                format!("ssh {}: scp to {remote}: remote scp refused the file", self.target.addr()),
-            ));
-        }
+        self.sink_ack(&format!("to {dir}/{tmp_name}"))?;
         Ok((sent, hasher.map(|h| hex(&h.finalize()))))
+    }
+
+    /// Run a script through the session's driver (one remote process for all
+    /// files). Falls back to a plain exec if the driver cannot be started.
+    pub fn run_script(&mut self, script: &str, limit: Duration) -> Result<ExecOutput, TransferError> {
+        if self.driver.is_none() {
+            let ch = self.sess.channel_session().and_then(|mut ch| {
+                ch.handle_extended_data(ExtendedData::Merge)?;
+                ch.exec(DRIVER)?;
+                Ok(ch)
+            });
+            match ch {
+                Ok(ch) => self.driver = Some(ch),
+                Err(e) => {
+                    log::debug!("ssh {}: no driver ({e}); one exec per file", self.target.addr());
+                    return self.exec(&format!("sh -c {}", crate::route::shell_quote(script)), limit);
+                }
+            }
+        }
+        self.watchdog.kick(limit);
+        let r = self.driver_job(script);
+        self.watchdog.disarm();
+        if r.is_err() {
+            self.driver = None;
+        }
+        r
+    }
+
+    fn driver_job(&mut self, script: &str) -> Result<ExecOutput, TransferError> {
+        let Some(ch) = self.driver.as_mut() else {
+            return Err(TransferError::new(ErrorKind::Connect, "no driver"));
+        };
+        let mut job = Vec::with_capacity(script.len() + 1);
+        job.extend_from_slice(script.as_bytes());
+        job.push(0);
+        if let Err(e) = ch.write_all(&job).and_then(|_| ch.flush()) {
+            return Err(self.fail(io_kind(&e), "sending script", &e));
+        }
+        let mut tail = Tail::new(16 * 1024);
+        // the end of the stream so far, to find the status line
+        let mut end: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = match self.driver.as_mut().map(|ch| ch.read(&mut buf)) {
+                Some(Ok(0)) | None => {
+                    return Err(self.fail(ErrorKind::Connect, "script runner", &"ended unexpectedly"))
+                }
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(self.fail(io_kind(&e), "reading script output", &e)),
+            };
+            end.extend_from_slice(&buf[..n]);
+            if let Some(pos) = find_last(&end, RC_MARKER) {
+                let rest = &end[pos + RC_MARKER.len()..];
+                if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                    let status: i32 = String::from_utf8_lossy(&rest[..nl]).trim().parse().unwrap_or(-1);
+                    tail.push(&end[..pos]);
+                    let signal = (status > 128 && status < 160 && status != 124).then(|| format!("{}", status - 128));
+                    return Ok(ExecOutput {
+                        status,
+                        signal,
+                        output: tail.lines(20),
+                    });
+                }
+            }
+            // keep only what could still hold the start of the marker
+            if end.len() > 64 * 1024 {
+                let keep = end.len() - 256;
+                tail.push(&end[..keep]);
+                end.drain(..keep);
+            }
+        }
     }
 
     /// Why did scp_send fail? libssh2's errors are generic; ask the host.
@@ -666,6 +806,10 @@ impl SshSession {
             _ => None,
         }
     }
+}
+
+fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
 }
 
 pub fn hex(b: &[u8]) -> String {
