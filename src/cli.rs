@@ -175,12 +175,14 @@ impl Global {
 
 /// Parse arguments, start logging, run the mode. Returns the exit code.
 pub fn main() -> u8 {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_from(subcommand_first(std::env::args_os().collect())) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
             return match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => code::OK,
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    code::OK
+                }
                 _ => code::USAGE,
             };
         }
@@ -202,6 +204,34 @@ pub fn main() -> u8 {
             e.exit_code()
         }
     }
+}
+
+/// clap does not see a subcommand that follows global options with values
+/// (`dispatch -c x.ini route f`); move the subcommand name to the front.
+pub fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const SUBCOMMANDS: &[&str] = &["watch", "hook", "route", "check", "history", "help"];
+    const WITH_VALUE: &[&str] = &["-c", "--config", "--netrc", "--log-config", "-j", "--jobs"];
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--" {
+            break;
+        }
+        if WITH_VALUE.contains(&a.as_ref()) {
+            i += 2;
+            continue;
+        }
+        if a.starts_with('-') {
+            i += 1;
+            continue;
+        }
+        if SUBCOMMANDS.contains(&a.as_ref()) && i > 1 {
+            let sub = args.remove(i);
+            args.insert(1, sub);
+        }
+        break;
+    }
+    args
 }
 
 pub fn run(cli: Cli) -> Result<u8, Error> {
@@ -245,7 +275,11 @@ fn expand_stdin(files: Vec<PathBuf>, null: bool) -> Result<Vec<PathBuf>, Error> 
         use std::os::unix::ffi::OsStrExt;
         let sep = if null { b'\0' } else { b'\n' };
         for name in buf.split(|b| *b == sep) {
-            let name = if null { name } else { name.strip_suffix(b"\r").unwrap_or(name) };
+            let name = if null {
+                name
+            } else {
+                name.strip_suffix(b"\r").unwrap_or(name)
+            };
             if !name.is_empty() {
                 out.push(PathBuf::from(std::ffi::OsStr::from_bytes(name)));
             }
@@ -399,10 +433,17 @@ pub fn print_outcome(g: &Global, o: &Outcome) {
 fn dispatch_files(g: &Global, files: Vec<PathBuf>) -> Result<u8, Error> {
     let config = g.load_config()?;
     let netrc = g.load_netrc()?;
-    let journal = if g.dry_run { None } else { open_journal(&config) };
+    let journal = if g.dry_run {
+        None
+    } else {
+        open_journal(&config)
+    };
     let p = prepare(&config, journal.as_deref(), files, &Source::Manual);
     for f in &p.unrouted {
-        eprintln!("dispatch: {}: no route matches this name", route::base_name(f).escape_debug());
+        eprintln!(
+            "dispatch: {}: no route matches this name",
+            route::base_name(f).escape_debug()
+        );
         log::warn!("{}: no route matches", route::base_name(f));
     }
     for (f, e) in &p.unreadable {
@@ -539,7 +580,10 @@ fn check(g: &Global, connect: bool) -> Result<u8, Error> {
     drop(tx);
     for (section, login, host, port, res) in rx.iter() {
         match res {
-            Ok(d) => println!("[{section}] {login}@{host}:{port}: ok ({:.2}s)", d.as_secs_f64()),
+            Ok(d) => println!(
+                "[{section}] {login}@{host}:{port}: ok ({:.2}s)",
+                d.as_secs_f64()
+            ),
             Err(e) => {
                 failed += 1;
                 println!("[{section}] {login}@{host}:{port}: FAILED: {e}");

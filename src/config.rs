@@ -343,10 +343,7 @@ pub fn parse_ini(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Ra
             continue;
         }
         let Some(sidx) = sections.len().checked_sub(1) else {
-            err(
-                lineno,
-                format!("key `{key}` before any [section] header"),
-            );
+            err(lineno, format!("key `{key}` before any [section] header"));
             continue;
         };
         let section = &mut sections[sidx];
@@ -558,14 +555,23 @@ fn build_route(ctx: &mut Ctx<'_>, s: &RawSection, default: Option<&RawSection>) 
         section: s,
         default,
     };
-    let hosts = l.get("host").map(|e| split_list(&e.value)).unwrap_or_default();
+    let hosts = l
+        .get("host")
+        .map(|e| split_list(&e.value))
+        .unwrap_or_default();
     if hosts.is_empty() {
-        ctx.err(s.line, format!("[{name}] host: missing (every route needs at least one host)"));
+        ctx.err(
+            s.line,
+            format!("[{name}] host: missing (every route needs at least one host)"),
+        );
     }
     for h in &hosts {
         if h.contains(char::is_whitespace) || h.starts_with('-') || h.contains('@') {
             let line = l.get("host").map(|e| e.line).unwrap_or(s.line);
-            ctx.err(line, format!("[{name}] host: `{h}` is not a host name or address"));
+            ctx.err(
+                line,
+                format!("[{name}] host: `{h}` is not a host name or address"),
+            );
         }
     }
     let port = parse_or(ctx, name, l.get("port"), 22, parse_port);
@@ -617,20 +623,39 @@ fn build_route(ctx: &mut Ctx<'_>, s: &RawSection, default: Option<&RawSection>) 
             _ => Err(format!("`{v}` (use size, sha256, none)")),
         }
     });
-    let host_key_check = parse_or(ctx, name, l.get("host_key_check"), HostKeyCheck::Strict, |v| {
-        match v.trim().to_ascii_lowercase().as_str() {
+    let host_key_check = parse_or(
+        ctx,
+        name,
+        l.get("host_key_check"),
+        HostKeyCheck::Strict,
+        |v| match v.trim().to_ascii_lowercase().as_str() {
             "strict" | "yes" => Ok(HostKeyCheck::Strict),
             "accept-new" | "accept_new" => Ok(HostKeyCheck::AcceptNew),
             "off" | "no" => Ok(HostKeyCheck::Off),
             _ => Err(format!("`{v}` (use strict, accept-new, off)")),
-        }
-    });
+        },
+    );
     let secs = |n| Duration::from_secs(n);
-    let connect_timeout = parse_or(ctx, name, l.get("connect_timeout"), secs(10), parse_duration);
+    let connect_timeout = parse_or(
+        ctx,
+        name,
+        l.get("connect_timeout"),
+        secs(10),
+        parse_duration,
+    );
     let io_timeout = parse_or(ctx, name, l.get("io_timeout"), secs(60), parse_duration);
-    let install_timeout = parse_or(ctx, name, l.get("install_timeout"), secs(600), parse_duration);
+    let install_timeout = parse_or(
+        ctx,
+        name,
+        l.get("install_timeout"),
+        secs(600),
+        parse_duration,
+    );
     let retry_delay = parse_or(ctx, name, l.get("retry_delay"), secs(2), parse_duration);
-    for (key, d) in [("connect_timeout", connect_timeout), ("io_timeout", io_timeout)] {
+    for (key, d) in [
+        ("connect_timeout", connect_timeout),
+        ("io_timeout", io_timeout),
+    ] {
         if d.is_zero() {
             let line = l.get(key).map(|e| e.line).unwrap_or(s.line);
             ctx.err(line, format!("[{name}] {key}: must be more than 0"));
@@ -730,7 +755,9 @@ pub fn placeholders(t: &str) -> Vec<String> {
 fn check_strftime(t: &str) -> Result<(), String> {
     use chrono::format::{Item, StrftimeItems};
     if StrftimeItems::new(t).any(|i| matches!(i, Item::Error)) {
-        return Err(format!("`{t}` has an invalid strftime code (escape a literal % as %%)"));
+        return Err(format!(
+            "`{t}` has an invalid strftime code (escape a literal % as %%)"
+        ));
     }
     Ok(())
 }
@@ -769,7 +796,12 @@ fn build_settings(ctx: &mut Ctx<'_>, s: Option<&RawSection>) -> Settings {
     Settings {
         watch: s
             .get("watch")
-            .map(|e| split_list(&e.value).iter().map(|d| expand_home(d)).collect())
+            .map(|e| {
+                split_list(&e.value)
+                    .iter()
+                    .map(|d| expand_home(d))
+                    .collect()
+            })
             .unwrap_or_default(),
         recursive: parse_or(ctx, n, s.get("recursive"), false, parse_bool),
         settle: parse_or(ctx, n, s.get("settle"), secs(2), parse_duration),
@@ -817,7 +849,11 @@ impl Config {
         let mut routes = Vec::new();
         let mut seen = Vec::new();
         for s in &sections {
-            if s.name == "DEFAULT" || s.name == "dispatch" || s.name == BROKEN || seen.contains(&s.name) {
+            if s.name == "DEFAULT"
+                || s.name == "dispatch"
+                || s.name == BROKEN
+                || seen.contains(&s.name)
+            {
                 continue;
             }
             seen.push(s.name.clone());
@@ -1010,7 +1046,8 @@ mod tests {
 
     #[test]
     fn unknown_placeholder_and_bad_strftime_are_errors() {
-        let e = parse("[x]\nhost = h\ninstall_command = run {nope}\ndest_dir = /a/%Q\n").unwrap_err();
+        let e =
+            parse("[x]\nhost = h\ninstall_command = run {nope}\ndest_dir = /a/%Q\n").unwrap_err();
         assert_eq!(lines(e), vec![3, 4]);
         assert!(parse("[(?P<app>a)]\nhost=h\ninstall_command = run {app} {name} {file}\n").is_ok());
     }

@@ -120,21 +120,34 @@ impl Batch {
     /// [`Outcome`] per file × host is sent to `out` as it completes.
     pub fn run(&self, items: Vec<Item>, pool: &threadpool::ThreadPool, out: Sender<Outcome>) {
         // group by (route's connection parameters, host)
-        let mut groups: Vec<(String, usize, Sender<Item>, Receiver<Item>, usize)> = Vec::new();
+        struct Pending {
+            host: String,
+            route: usize,
+            tx: Sender<Item>,
+            rx: Receiver<Item>,
+            count: usize,
+        }
+        let mut groups: Vec<Pending> = Vec::new();
         for item in items {
             let route = &self.config.routes[item.route];
             for host in &route.hosts {
                 if item.only_hosts.as_ref().is_some_and(|o| !o.contains(host)) {
                     continue;
                 }
-                let pos = groups.iter().position(|(h, r, ..)| {
-                    h == host && same_connection(&self.config.routes[*r], route)
+                let pos = groups.iter().position(|g| {
+                    &g.host == host && same_connection(&self.config.routes[g.route], route)
                 });
                 let pos = match pos {
                     Some(p) => p,
                     None => {
                         let (tx, rx) = crossbeam_channel::unbounded();
-                        groups.push((host.clone(), item.route, tx, rx, 0));
+                        groups.push(Pending {
+                            host: host.clone(),
+                            route: item.route,
+                            tx,
+                            rx,
+                            count: 0,
+                        });
                         groups.len() - 1
                     }
                 };
@@ -142,13 +155,20 @@ impl Batch {
                     journal_state(j, pkg, host, State::Queued, &Detail::default());
                 }
                 let g = &mut groups[pos];
-                let _ = g.2.send(item.clone());
-                g.4 += 1;
+                let _ = g.tx.send(item.clone());
+                g.count += 1;
             }
         }
         let per_host = self.config.settings.max_sessions_per_host;
         let mut host_states: BTreeMap<String, Arc<Mutex<HostState>>> = BTreeMap::new();
-        for (host, route, tx, rx, count) in groups {
+        for Pending {
+            host,
+            route,
+            tx,
+            rx,
+            count,
+        } in groups
+        {
             drop(tx);
             let hs = Arc::clone(host_states.entry(host.clone()).or_default());
             let group = Arc::new(Group { host, route, rx });
@@ -253,7 +273,10 @@ impl Lane {
 
     fn unusable(&self, t: Transport) -> Option<TransferError> {
         let hs = self.host_state.lock().ok()?;
-        hs.unusable.iter().find(|(x, _)| *x == t).map(|(_, e)| e.clone())
+        hs.unusable
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map(|(_, e)| e.clone())
     }
 
     fn mark_unusable(&self, t: Transport, e: &TransferError) {
@@ -350,7 +373,9 @@ impl Lane {
             return o;
         }
         if let Some(reason) = self.host_state.lock().ok().and_then(|h| h.dead.clone()) {
-            o.error = Some(format!("{reason} (host already failed in this batch; not tried again)"));
+            o.error = Some(format!(
+                "{reason} (host already failed in this batch; not tried again)"
+            ));
             return finish(o, self);
         }
         let install = route::install_command(&routed, &host, &dir);
@@ -379,8 +404,10 @@ impl Lane {
         let up = match uploaded {
             Ok(u) => u,
             Err(e) => {
-                if matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Auth | ErrorKind::HostKey)
-                    && !matches!(e.kind, ErrorKind::Verify)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Auth | ErrorKind::HostKey
+                ) && !matches!(e.kind, ErrorKind::Verify)
                 {
                     if let Ok(mut hs) = self.host_state.lock() {
                         hs.dead.get_or_insert_with(|| e.msg.clone());
@@ -444,11 +471,7 @@ impl Lane {
                         (None, n) => format!("exit status {n}"),
                     };
                     let msg = format!("install command failed: {why}");
-                    log::error!(
-                        "{}: {host}: {msg}; last output:\n{}",
-                        item.name,
-                        r.output
-                    );
+                    log::error!("{}: {host}: {msg}; last output:\n{}", item.name, r.output);
                     o.error = Some(msg);
                 }
             }
@@ -516,11 +539,17 @@ impl Lane {
                     } else {
                         e.kind
                     };
-                    return Err(TransferError::new(kind, format!("all transports failed: {msg}")));
+                    return Err(TransferError::new(
+                        kind,
+                        format!("all transports failed: {msg}"),
+                    ));
                 }
             }
         }
-        Err(TransferError::new(ErrorKind::Unavailable, "no transport configured"))
+        Err(TransferError::new(
+            ErrorKind::Unavailable,
+            "no transport configured",
+        ))
     }
 
     fn upload_scp(
@@ -554,35 +583,51 @@ impl Lane {
         };
         // verify the temp file, rename it into place and install, in one call
         let script = finalize_script(route, dir, &item.name, bytes, sha.as_deref(), install);
-        let limit = route.io_timeout + if install.is_some() { route.install_timeout + Duration::from_secs(15) } else { Duration::ZERO };
-        let out = ssh.run_script(&script, limit);
+        let limit = route.io_timeout
+            + if install.is_some() {
+                route.install_timeout + Duration::from_secs(15)
+            } else {
+                Duration::ZERO
+            };
+        let out = ssh.run_script(&script, limit, Some(FINALIZED));
         let out = match out {
             Ok(o) => o,
             Err(e) => {
                 // the connection broke during verify/install: the upload may or
                 // may not have been renamed; never re-upload for an install failure
                 return Err(TransferError::new(
-                    if install.is_some() { ErrorKind::Remote } else { e.kind },
+                    if install.is_some() {
+                        ErrorKind::Remote
+                    } else {
+                        e.kind
+                    },
                     format!("after upload: {e}"),
                 ));
             }
         };
-        let marker = out.output.find(FINALIZED);
-        let Some(pos) = marker else {
+        if !out.marked {
             let _ = ssh.exec(&format!("rm -f -- {}", shell_quote(&tmp)), route.io_timeout);
-            let kind = if out.status == VERIFY_FAILED { ErrorKind::Verify } else { ErrorKind::Remote };
+            let kind = if out.status == VERIFY_FAILED {
+                ErrorKind::Verify
+            } else {
+                ErrorKind::Remote
+            };
             return Err(TransferError::new(
                 kind,
                 format!(
                     "ssh {}: {} (status {}): {}",
                     ssh.target().host,
-                    if kind == ErrorKind::Verify { "verification failed" } else { "cannot rename into place" },
+                    if kind == ErrorKind::Verify {
+                        "verification failed"
+                    } else {
+                        "cannot rename into place"
+                    },
                     out.status,
                     out.output.trim()
                 ),
             ));
-        };
-        let after = out.output[pos + FINALIZED.len()..].trim_start_matches('\n').to_string();
+        }
+        let after = out.output.clone();
         Ok(Uploaded {
             transport: Transport::Scp,
             bytes,
@@ -594,7 +639,12 @@ impl Lane {
         })
     }
 
-    fn upload_ftp(&mut self, item: &Item, route: &Route, dir: &str) -> Result<Uploaded, TransferError> {
+    fn upload_ftp(
+        &mut self,
+        item: &Item,
+        route: &Route,
+        dir: &str,
+    ) -> Result<Uploaded, TransferError> {
         if let Some(e) = self.unusable(Transport::Ftp) {
             return Err(e);
         }
@@ -664,7 +714,9 @@ impl Lane {
             let why = reason.unwrap_or_else(|| e.msg.clone());
             TransferError::new(
                 e.kind,
-                format!("uploaded by FTP, but SSH is not available to run the install command ({why})"),
+                format!(
+                    "uploaded by FTP, but SSH is not available to run the install command ({why})"
+                ),
             )
         })?;
         let script = format!(
@@ -702,7 +754,7 @@ fn wrap_install(cmd: &str, limit: Duration) -> String {
     let secs = limit.as_secs().max(1);
     let inner = shell_quote(cmd);
     format!(
-        "if command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null; else exec sh -c {inner} </dev/null; fi"
+        "if command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; else exec sh -c {inner} </dev/null 2>&1; fi"
     )
 }
 
@@ -734,7 +786,9 @@ fn finalize_script(
             ));
         }
     }
-    s.push_str(&format!("mv -f -- {tmp} {fin} || exit 232; echo {FINALIZED}; "));
+    s.push_str(&format!(
+        "mv -f -- {tmp} {fin} || exit 232; echo {FINALIZED}; "
+    ));
     if let Some(cmd) = install {
         s.push_str(&wrap_install(cmd, route.install_timeout));
     }
@@ -754,8 +808,18 @@ mod tests {
     #[test]
     fn finalize_script_quotes_everything() {
         let c = Config::parse(std::path::Path::new("t"), "[x]\nhost=h\n").unwrap();
-        let s = finalize_script(&c.routes[0], "d i r", "a'b;$(x)", 5, None, Some("echo {name}"));
+        let s = finalize_script(
+            &c.routes[0],
+            "d i r",
+            "a'b;$(x)",
+            5,
+            None,
+            Some("echo {name}"),
+        );
         assert!(s.starts_with("cd -- 'd i r' || exit 231; "), "{s}");
-        assert!(s.contains("mv -f -- '.a'\\''b;$(x).part' 'a'\\''b;$(x)'"), "{s}");
+        assert!(
+            s.contains("mv -f -- '.a'\\''b;$(x).part' 'a'\\''b;$(x)'"),
+            "{s}"
+        );
     }
 }

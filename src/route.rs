@@ -60,7 +60,11 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// Replace `{placeholders}`; each value goes through `quote`. `{{`/`}}` are literal braces.
-pub fn expand(template: &str, vars: &BTreeMap<String, String>, quote: impl Fn(&str) -> String) -> String {
+pub fn expand(
+    template: &str,
+    vars: &BTreeMap<String, String>,
+    quote: impl Fn(&str) -> String,
+) -> String {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
     while let Some(i) = rest.find(['{', '}']) {
@@ -95,7 +99,11 @@ pub struct UnsafePath(pub String);
 /// Check a value that will become part of a remote path: no `/`, no `..`, no
 /// control characters.
 fn safe_component(what: &str, v: &str) -> Result<(), UnsafePath> {
-    if v.contains('/') || v == ".." || v == "." || v.chars().any(|c| c == '\0' || c == '\n' || c == '\r') {
+    if v.contains('/')
+        || v == ".."
+        || v == "."
+        || v.chars().any(|c| c == '\0' || c == '\n' || c == '\r')
+    {
         return Err(UnsafePath(format!(
             "{what} {v:?} cannot be used in a remote path (contains '/', '..', newline or NUL)"
         )));
@@ -117,7 +125,11 @@ pub fn dest_dir(
     }
     // the file name itself never becomes part of the directory; it is quoted
     // wherever it is used, so only what cannot be a file name is refused
-    if routed.name.is_empty() || routed.name == "." || routed.name == ".." || routed.name.contains(['/', '\0']) {
+    if routed.name.is_empty()
+        || routed.name == "."
+        || routed.name == ".."
+        || routed.name.contains(['/', '\0'])
+    {
         return Err(UnsafePath(format!("{:?} is not a file name", routed.name)));
     }
     vars.insert("name".into(), routed.name.clone());
@@ -127,7 +139,9 @@ pub fn dest_dir(
     let dated = when.format(&routed.route.dest_dir).to_string();
     let dir = expand(&dated, &vars, |v| v.to_string());
     if dir.split('/').any(|c| c == "..") || dir.chars().any(|c| c == '\0' || c == '\n') {
-        return Err(UnsafePath(format!("remote directory {dir:?} contains '..', newline or NUL")));
+        return Err(UnsafePath(format!(
+            "remote directory {dir:?} contains '..', newline or NUL"
+        )));
     }
     let dir = if dir == "~" {
         ".".to_string()
@@ -137,7 +151,11 @@ pub fn dest_dir(
         dir
     };
     let dir = dir.trim_end_matches('/');
-    Ok(if dir.is_empty() { "/".to_string() } else { dir.to_string() })
+    Ok(if dir.is_empty() {
+        "/".to_string()
+    } else {
+        dir.to_string()
+    })
 }
 
 /// The install command with every placeholder shell-quoted.
@@ -174,7 +192,10 @@ mod tests {
     #[test]
     fn quoting_survives_hostile_names() {
         assert_eq!(shell_quote("plain-1.2.tar.gz"), "plain-1.2.tar.gz");
-        assert_eq!(shell_quote("a b;$(rm -rf ~)'.tar.gz"), "'a b;$(rm -rf ~)'\\''.tar.gz'");
+        assert_eq!(
+            shell_quote("a b;$(rm -rf ~)'.tar.gz"),
+            "'a b;$(rm -rf ~)'\\''.tar.gz'"
+        );
         assert_eq!(shell_quote("-rf"), "'-rf'");
         assert_eq!(shell_quote(""), "''");
     }
@@ -198,7 +219,10 @@ mod tests {
         let r = route(&c, Path::new("a b;$(x)'.tgz")).unwrap();
         let when = Local.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
         assert_eq!(dest_dir(&r, "h", &when).unwrap(), "newcx/20260102_030405");
-        assert_eq!(install_command(&r, "h", "d").unwrap(), "tar xf 'a b;$(x)'\\''.tgz'");
+        assert_eq!(
+            install_command(&r, "h", "d").unwrap(),
+            "tar xf 'a b;$(x)'\\''.tgz'"
+        );
     }
 
     #[test]
@@ -211,6 +235,10 @@ mod tests {
             groups: [("v".to_string(), "..".to_string())].into(),
         };
         assert!(dest_dir(&r, "h", &when).is_err());
+        // a newline in a file name is fine (it is quoted), but not in a directory
+        let r = route(&c, Path::new("ok\nname")).unwrap();
+        assert_eq!(dest_dir(&r, "h", &when).unwrap(), "/srv/ok");
+        let c = cfg("[(?s)(?P<v>.*)]\nhost=h\ndest_dir = /srv/{v}\n");
         let r = route(&c, Path::new("ok\nname")).unwrap();
         assert!(dest_dir(&r, "h", &when).is_err());
     }
@@ -218,6 +246,9 @@ mod tests {
     #[test]
     fn literal_braces_and_percent_in_names() {
         let vars: BTreeMap<String, String> = [("name".to_string(), "50%.zip".to_string())].into();
-        assert_eq!(expand("{{x}} {name} {other}", &vars, shell_quote), "{x} 50%.zip {other}");
+        assert_eq!(
+            expand("{{x}} {name} {other}", &vars, shell_quote),
+            "{x} 50%.zip {other}"
+        );
     }
 }

@@ -16,7 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use ssh2::{CheckResult, ErrorCode, ExtendedData, HashType, HostKeyType, KnownHostFileKind, Session};
+use ssh2::{
+    CheckResult, ErrorCode, ExtendedData, HashType, HostKeyType, KnownHostFileKind, Session,
+};
 
 use super::{io_kind, ErrorKind, TransferError};
 use crate::config::{HostKeyCheck, Secret};
@@ -150,8 +152,11 @@ impl Drop for Watchdog {
 pub struct ExecOutput {
     pub status: i32,
     pub signal: Option<String>,
-    /// stdout and stderr merged, last lines only.
+    /// stdout and stderr merged, last lines only (after the marker, if one
+    /// was asked for and seen).
     pub output: String,
+    /// The marker passed to [`SshSession::run_script`] was printed.
+    pub marked: bool,
 }
 
 impl ExecOutput {
@@ -189,6 +194,74 @@ impl Tail {
     }
 }
 
+/// Reads a command's output stream: keeps the tail, notices a marker line
+/// (what follows it is the part that matters), and — for the script runner —
+/// the status line that ends a script's output.
+struct Scan {
+    tail: Tail,
+    pending: Vec<u8>,
+    marker: Option<Vec<u8>>,
+    marked: bool,
+}
+
+impl Scan {
+    fn new(marker: Option<&str>) -> Scan {
+        Scan {
+            tail: Tail::new(16 * 1024),
+            pending: Vec::new(),
+            marker: marker.map(|m| m.as_bytes().to_vec()),
+            marked: false,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+        if !self.marked {
+            if let Some(m) = &self.marker {
+                if let Some(p) = find_last(&self.pending, m) {
+                    self.marked = true;
+                    self.tail = Tail::new(16 * 1024);
+                    let mut cut = p + m.len();
+                    if self.pending.get(cut) == Some(&b'\n') {
+                        cut += 1;
+                    }
+                    self.pending.drain(..cut);
+                }
+            }
+        }
+        // keep a little unconsumed, in case a marker is split across reads
+        if self.pending.len() > 64 * 1024 {
+            let keep = self.pending.len() - 256;
+            self.tail.push(&self.pending[..keep]);
+            self.pending.drain(..keep);
+        }
+    }
+
+    /// The script runner's status line, if it has arrived.
+    fn status(&mut self) -> Option<i32> {
+        let pos = find_last(&self.pending, RC_MARKER)?;
+        let rest = &self.pending[pos + RC_MARKER.len()..];
+        let nl = rest.iter().position(|b| *b == b'\n')?;
+        let status = String::from_utf8_lossy(&rest[..nl])
+            .trim()
+            .parse()
+            .unwrap_or(-1);
+        self.pending.truncate(pos);
+        Some(status)
+    }
+
+    fn finish(mut self, status: i32, signal: Option<String>) -> ExecOutput {
+        let rest = std::mem::take(&mut self.pending);
+        self.tail.push(&rest);
+        ExecOutput {
+            status,
+            signal,
+            output: self.tail.lines(20),
+            marked: self.marked,
+        }
+    }
+}
+
 pub struct SshSession {
     sess: Session,
     watchdog: Watchdog,
@@ -203,7 +276,7 @@ pub struct SshSession {
 /// Runs NUL-terminated scripts read from stdin, one at a time, each followed
 /// by a status line. One remote process per session instead of one login
 /// shell per file. GNU xargs gives each script /dev/null as stdin.
-const DRIVER: &str = "exec xargs -0 -n 1 sh -c '(eval \"$1\"); printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"' dispatch-driver";
+const DRIVER: &str = "exec xargs -0 -n 1 sh -c '(eval \"$1\") 2>&1; printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"' dispatch-driver";
 const RC_MARKER: &[u8] = b"\n@@dispatch:rc:";
 
 fn ssh_kind(e: &ssh2::Error) -> ErrorKind {
@@ -219,7 +292,11 @@ const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz
 pub fn base64(data: &[u8], pad: bool) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -279,7 +356,10 @@ impl SshSession {
             (Some(s), _) => s,
             (None, Some(e)) => {
                 let what = if e.kind() == std::io::ErrorKind::TimedOut {
-                    format!("connect timed out after {:.1}s", t.connect_timeout.as_secs_f64())
+                    format!(
+                        "connect timed out after {:.1}s",
+                        t.connect_timeout.as_secs_f64()
+                    )
                 } else {
                     "connect failed".to_string()
                 };
@@ -299,12 +379,18 @@ impl SshSession {
         let watchdog = Watchdog::new(vec![clone], format!("ssh {addr}"));
         let mut sess = Session::new().map_err(|e| err(ErrorKind::Connect, "libssh2 init", &e))?;
         sess.set_tcp_stream(tcp);
-        let ms = u32::try_from(t.io_timeout.as_millis()).unwrap_or(u32::MAX).max(1);
+        let ms = u32::try_from(t.io_timeout.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
         sess.set_timeout(ms);
         // the handshake and auth share one deadline: connect_timeout + io_timeout
         watchdog.kick(t.connect_timeout + t.io_timeout);
         sess.handshake().map_err(|e| {
-            let kind = if watchdog.fired() { ErrorKind::Timeout } else { ssh_kind(&e) };
+            let kind = if watchdog.fired() {
+                ErrorKind::Timeout
+            } else {
+                ssh_kind(&e)
+            };
             err(kind, "handshake failed", &e)
         })?;
         let mut s = SshSession {
@@ -318,18 +404,29 @@ impl SshSession {
         s.check_host_key()?;
         s.authenticate()?;
         s.watchdog.disarm();
-        log::debug!("ssh {addr}: logged in as {} in {:.0?}", t.login, started.elapsed());
+        log::debug!(
+            "ssh {addr}: logged in as {} in {:.0?}",
+            t.login,
+            started.elapsed()
+        );
         Ok(s)
     }
 
     fn fail(&self, kind: ErrorKind, what: &str, e: &dyn std::fmt::Display) -> TransferError {
-        let kind = if self.watchdog.fired() { ErrorKind::Timeout } else { kind };
+        let kind = if self.watchdog.fired() {
+            ErrorKind::Timeout
+        } else {
+            kind
+        };
         let suffix = if self.watchdog.fired() {
             " (deadline passed, connection closed)"
         } else {
             ""
         };
-        TransferError::new(kind, format!("ssh {}: {what}: {e}{suffix}", self.target.addr()))
+        TransferError::new(
+            kind,
+            format!("ssh {}: {what}: {e}{suffix}", self.target.addr()),
+        )
     }
 
     fn check_host_key(&mut self) -> Result<(), TransferError> {
@@ -355,12 +452,13 @@ impl SshSession {
             .known_hosts()
             .map_err(|e| self.fail(ErrorKind::HostKey, "known_hosts", &e))?;
         if t.known_hosts.exists() {
-            kh.read_file(&t.known_hosts, KnownHostFileKind::OpenSSH).map_err(|e| {
-                TransferError::new(
-                    ErrorKind::HostKey,
-                    format!("ssh {addr}: cannot read {}: {e}", t.known_hosts.display()),
-                )
-            })?;
+            kh.read_file(&t.known_hosts, KnownHostFileKind::OpenSSH)
+                .map_err(|e| {
+                    TransferError::new(
+                        ErrorKind::HostKey,
+                        format!("ssh {addr}: cannot read {}: {e}", t.known_hosts.display()),
+                    )
+                })?;
         }
         let entry = if t.port == 22 {
             t.host.clone()
@@ -415,7 +513,11 @@ impl SshSession {
         let fail = |e: std::io::Error| {
             TransferError::new(
                 ErrorKind::HostKey,
-                format!("ssh {}: cannot record host key in {}: {e}", self.target.addr(), path.display()),
+                format!(
+                    "ssh {}: cannot record host key in {}: {e}",
+                    self.target.addr(),
+                    path.display()
+                ),
             )
         };
         if let Ok(existing) = std::fs::read_to_string(path) {
@@ -438,7 +540,11 @@ impl SshSession {
     fn authenticate(&mut self) -> Result<(), TransferError> {
         let t = self.target.clone();
         let login = t.login.as_str();
-        let methods = self.sess.auth_methods(login).map(str::to_string).unwrap_or_default();
+        let methods = self
+            .sess
+            .auth_methods(login)
+            .map(str::to_string)
+            .unwrap_or_default();
         if self.sess.authenticated() {
             return Ok(());
         }
@@ -483,7 +589,9 @@ impl SshSession {
             return Err(self.fail(ErrorKind::Timeout, "authentication", &"timed out"));
         }
         let tried = if tried.is_empty() {
-            format!("no usable method (server offers: {methods}; no key, agent or password configured)")
+            format!(
+                "no usable method (server offers: {methods}; no key, agent or password configured)"
+            )
         } else {
             format!("tried {}", tried.join(", "))
         };
@@ -494,7 +602,9 @@ impl SshSession {
     }
 
     fn try_agent(&mut self, login: &str) {
-        let Ok(mut agent) = self.sess.agent() else { return };
+        let Ok(mut agent) = self.sess.agent() else {
+            return;
+        };
         if agent.connect().is_err() || agent.list_identities().is_err() {
             return;
         }
@@ -520,12 +630,12 @@ impl SshSession {
     /// output) and only the tail is kept. The whole call is bounded by `limit`.
     pub fn exec(&mut self, cmd: &str, limit: Duration) -> Result<ExecOutput, TransferError> {
         self.watchdog.kick(limit);
-        let r = self.exec_inner(cmd);
+        let r = self.exec_inner(cmd, None);
         self.watchdog.disarm();
         r
     }
 
-    fn exec_inner(&mut self, cmd: &str) -> Result<ExecOutput, TransferError> {
+    fn exec_inner(&mut self, cmd: &str, marker: Option<&str>) -> Result<ExecOutput, TransferError> {
         let mut ch = self
             .sess
             .channel_session()
@@ -534,12 +644,12 @@ impl SshSession {
             .map_err(|e| self.fail(ssh_kind(&e), "channel setup", &e))?;
         ch.exec(cmd)
             .map_err(|e| self.fail(ssh_kind(&e), "exec", &e))?;
-        let mut tail = Tail::new(16 * 1024);
+        let mut scan = Scan::new(marker);
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             match ch.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => tail.push(&buf[..n]),
+                Ok(n) => scan.feed(&buf[..n]),
                 Err(e) => return Err(self.fail(io_kind(&e), "reading command output", &e)),
             }
         }
@@ -549,11 +659,7 @@ impl SshSession {
             .exit_status()
             .map_err(|e| self.fail(ssh_kind(&e), "exit status", &e))?;
         let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
-        Ok(ExecOutput {
-            status,
-            signal,
-            output: tail.lines(20),
-        })
+        Ok(scan.finish(status, signal))
     }
 
     /// `mkdir -p` once per directory and session.
@@ -589,11 +695,19 @@ impl SshSession {
         want_sha: bool,
     ) -> Result<(u64, Option<String>), TransferError> {
         let mut f = std::fs::File::open(local).map_err(|e| {
-            TransferError::new(ErrorKind::Local, format!("cannot open {}: {e}", local.display()))
+            TransferError::new(
+                ErrorKind::Local,
+                format!("cannot open {}: {e}", local.display()),
+            )
         })?;
         let size = f
             .metadata()
-            .map_err(|e| TransferError::new(ErrorKind::Local, format!("cannot stat {}: {e}", local.display())))?
+            .map_err(|e| {
+                TransferError::new(
+                    ErrorKind::Local,
+                    format!("cannot stat {}: {e}", local.display()),
+                )
+            })?
             .len();
         if tmp_name.contains(['\n', '\r', '/']) {
             return Err(TransferError::new(
@@ -673,7 +787,10 @@ impl SshSession {
             self.sink_ack("start")?;
         }
         let header = format!("C0644 {size} {tmp_name}\n");
-        let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(header.as_bytes()));
+        let w = self
+            .sink
+            .as_mut()
+            .map(|(_, ch)| ch.write_all(header.as_bytes()));
         if let Some(Err(e)) = w {
             return Err(self.fail(io_kind(&e), "scp header", &e));
         }
@@ -712,8 +829,14 @@ impl SshSession {
     }
 
     /// Run a script through the session's driver (one remote process for all
-    /// files). Falls back to a plain exec if the driver cannot be started.
-    pub fn run_script(&mut self, script: &str, limit: Duration) -> Result<ExecOutput, TransferError> {
+    /// files); falls back to one exec if the driver cannot be started. If
+    /// `marker` is printed, only the output after it is kept.
+    pub fn run_script(
+        &mut self,
+        script: &str,
+        limit: Duration,
+        marker: Option<&str>,
+    ) -> Result<ExecOutput, TransferError> {
         if self.driver.is_none() {
             let ch = self.sess.channel_session().and_then(|mut ch| {
                 ch.handle_extended_data(ExtendedData::Merge)?;
@@ -723,13 +846,20 @@ impl SshSession {
             match ch {
                 Ok(ch) => self.driver = Some(ch),
                 Err(e) => {
-                    log::debug!("ssh {}: no driver ({e}); one exec per file", self.target.addr());
-                    return self.exec(&format!("sh -c {}", crate::route::shell_quote(script)), limit);
+                    log::debug!(
+                        "ssh {}: no script runner ({e}); one exec per file",
+                        self.target.addr()
+                    );
+                    self.watchdog.kick(limit);
+                    let cmd = format!("sh -c {}", crate::route::shell_quote(script));
+                    let r = self.exec_inner(&cmd, marker);
+                    self.watchdog.disarm();
+                    return r;
                 }
             }
         }
         self.watchdog.kick(limit);
-        let r = self.driver_job(script);
+        let r = self.driver_job(script, marker);
         self.watchdog.disarm();
         if r.is_err() {
             self.driver = None;
@@ -737,9 +867,13 @@ impl SshSession {
         r
     }
 
-    fn driver_job(&mut self, script: &str) -> Result<ExecOutput, TransferError> {
+    fn driver_job(
+        &mut self,
+        script: &str,
+        marker: Option<&str>,
+    ) -> Result<ExecOutput, TransferError> {
         let Some(ch) = self.driver.as_mut() else {
-            return Err(TransferError::new(ErrorKind::Connect, "no driver"));
+            return Err(TransferError::new(ErrorKind::Connect, "no script runner"));
         };
         let mut job = Vec::with_capacity(script.len() + 1);
         job.extend_from_slice(script.as_bytes());
@@ -747,42 +881,34 @@ impl SshSession {
         if let Err(e) = ch.write_all(&job).and_then(|_| ch.flush()) {
             return Err(self.fail(io_kind(&e), "sending script", &e));
         }
-        let mut tail = Tail::new(16 * 1024);
-        // the end of the stream so far, to find the status line
-        let mut end: Vec<u8> = Vec::new();
+        let mut scan = Scan::new(marker);
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             let n = match self.driver.as_mut().map(|ch| ch.read(&mut buf)) {
                 Some(Ok(0)) | None => {
-                    return Err(self.fail(ErrorKind::Connect, "script runner", &"ended unexpectedly"))
+                    return Err(self.fail(
+                        ErrorKind::Connect,
+                        "script runner",
+                        &"ended unexpectedly",
+                    ))
                 }
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(self.fail(io_kind(&e), "reading script output", &e)),
             };
-            end.extend_from_slice(&buf[..n]);
-            if let Some(pos) = find_last(&end, RC_MARKER) {
-                let rest = &end[pos + RC_MARKER.len()..];
-                if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                    let status: i32 = String::from_utf8_lossy(&rest[..nl]).trim().parse().unwrap_or(-1);
-                    tail.push(&end[..pos]);
-                    let signal = (status > 128 && status < 160 && status != 124).then(|| format!("{}", status - 128));
-                    return Ok(ExecOutput {
-                        status,
-                        signal,
-                        output: tail.lines(20),
-                    });
-                }
-            }
-            // keep only what could still hold the start of the marker
-            if end.len() > 64 * 1024 {
-                let keep = end.len() - 256;
-                tail.push(&end[..keep]);
-                end.drain(..keep);
+            scan.feed(&buf[..n]);
+            if let Some(status) = scan.status() {
+                // a shell reports death by signal N as 128+N
+                let signal = (129..160)
+                    .contains(&status)
+                    .then(|| format!("{}", status - 128));
+                return Ok(scan.finish(status, signal));
             }
         }
     }
+}
 
-    /// Why did scp_send fail? libssh2's errors are generic; ask the host.
+impl SshSession {
+    /// Why did the scp upload fail? Its errors are generic; ask the host.
     pub fn diagnose_scp(&mut self, dir: &str) -> Option<TransferError> {
         let q = crate::route::shell_quote(dir);
         let cmd = format!(

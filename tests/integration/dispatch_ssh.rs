@@ -16,7 +16,9 @@ struct Setup {
 
 fn setup(n: usize) -> Setup {
     let ws = Workspace::new();
-    let hosts: Vec<SshServer> = (0..n).map(|_| SshServer::start(&servers::fresh_addr())).collect();
+    let hosts: Vec<SshServer> = (0..n)
+        .map(|_| SshServer::start(&servers::fresh_addr()))
+        .collect();
     let refs: Vec<&SshServer> = hosts.iter().collect();
     let known_hosts = ws.known_hosts(&refs);
     let remote = ws.remote_dir("remote");
@@ -29,18 +31,7 @@ fn setup(n: usize) -> Setup {
 }
 
 impl Setup {
-    fn host_list(&self) -> String {
-        self.hosts
-            .iter()
-            .map(|h| h.addr.clone())
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    /// A route section with key auth for all hosts (same port required: each
-    /// host listens on its own address, so tests give every server the port of
-    /// the first one through `port` only when they share it; otherwise one
-    /// section per host is written by the test).
+    /// A route section sending to `host` with key auth.
     fn route(&self, section: &str, host: &SshServer, extra: &str) -> String {
         format!(
             "[{section}]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\ndest_dir = {}/{{host}}/%Y%m%d_%H%M%S\nconnect_timeout = 3s\nretries = 0\n{extra}\n",
@@ -55,8 +46,10 @@ impl Setup {
 
     fn config(&self, text: &str) -> PathBuf {
         let state = self.ws.path().join("state");
-        self.ws
-            .write_config(&format!("[dispatch]\nstate_dir = {}\n\n{text}", state.display()))
+        self.ws.write_config(&format!(
+            "[dispatch]\nstate_dir = {}\n\n{text}",
+            state.display()
+        ))
     }
 
     /// Files delivered to `host` (relative to its dated dir), as name → bytes.
@@ -112,27 +105,31 @@ fn a_file_is_uploaded_to_the_dated_dir_on_both_hosts_and_installed() {
     let cfg_path = s.config(&cfg);
     let a = s.ws.file("app0-1.0.tar.gz", b"zero");
     let b = s.ws.file("app1-2.0.tar.gz", &vec![7u8; 300_000]);
-    let r = s
-        .ws
-        .dispatch()
-        .args(["-c", cfg_path.to_str().unwrap()])
-        .arg(&a)
-        .arg(&b)
-        .run()
-        .assert_code(0);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg_path.to_str().unwrap()])
+            .arg(&a)
+            .arg(&b)
+            .run()
+            .assert_code(0);
     assert!(r.stdout.contains("installed"), "{}", r.stdout);
     let h0 = s.delivered(&s.hosts[0].addr);
     assert_eq!(names(&h0), ["app0-1.0.tar.gz", "app0-1.0.tar.gz.installed"]);
     assert_eq!(get(&h0, "app0-1.0.tar.gz"), b"zero");
     let marker = String::from_utf8_lossy(get(&h0, "app0-1.0.tar.gz.installed")).to_string();
-    assert!(marker.contains(&format!("host={}", s.hosts[0].addr)), "{marker}");
+    assert!(
+        marker.contains(&format!("host={}", s.hosts[0].addr)),
+        "{marker}"
+    );
     let h1 = s.delivered(&s.hosts[1].addr);
     assert_eq!(get(&h1, "app1-2.0.tar.gz"), vec![7u8; 300_000].as_slice());
     // dated directory: YYYYmmdd_HHMMSS
     let dated = read_dir(&s.remote.join(&s.hosts[0].addr));
     let d = dated[0].file_name().unwrap().to_string_lossy().into_owned();
     assert!(
-        d.len() == 15 && d.as_bytes()[8] == b'_' && d.replace('_', "").bytes().all(|c| c.is_ascii_digit()),
+        d.len() == 15
+            && d.as_bytes()[8] == b'_'
+            && d.replace('_', "").bytes().all(|c| c.is_ascii_digit()),
         "{d}"
     );
 }
@@ -164,7 +161,11 @@ fn one_route_with_two_hosts_delivers_to_both() {
         state = ws.path().join("state").display(),
     ));
     let f = ws.file("pkg-1.zip", b"payload");
-    ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(0);
+    ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .arg(&f)
+        .run()
+        .assert_code(0);
     for h in [&a, &b] {
         let d = remote.join(&h.addr);
         assert_eq!(fs::read(d.join("pkg-1.zip")).unwrap(), b"payload");
@@ -189,10 +190,28 @@ fn first_matching_section_wins_and_named_groups_fill_placeholders() {
     let cfg = s.config(&cfg);
     let c = cfg.to_str().unwrap();
     // `route` explains without sending
-    let r = s.ws.dispatch().args(["-c", c, "--json", "route", "web-1.2.tar.gz", "webby.zip", "nothing"]).run();
+    let r =
+        s.ws.dispatch()
+            .args([
+                "-c",
+                c,
+                "--json",
+                "route",
+                "web-1.2.tar.gz",
+                "webby.zip",
+                "nothing",
+            ])
+            .run();
     assert_eq!(r.status, Some(3), "unrouted file → exit 3: {r:?}");
-    let lines: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(lines[0]["section"], r"(?P<app>web|api)-(?P<version>[0-9.]+)\.tar\.gz$");
+    let lines: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines[0]["section"],
+        r"(?P<app>web|api)-(?P<version>[0-9.]+)\.tar\.gz$"
+    );
     assert_eq!(lines[0]["groups"]["version"], "1.2");
     assert_eq!(lines[1]["section"], "web");
     assert!(lines[2]["route"].is_null());
@@ -201,13 +220,27 @@ fn first_matching_section_wins_and_named_groups_fill_placeholders() {
     let f1 = s.ws.file("web-1.2.tar.gz", b"1");
     let f2 = s.ws.file("webby.zip", b"2");
     let f3 = s.ws.file("other.bin", b"3");
-    s.ws.dispatch().args(["-c", c]).arg(&f1).arg(&f2).arg(&f3).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", c])
+        .arg(&f1)
+        .arg(&f2)
+        .arg(&f3)
+        .run()
+        .assert_code(0);
     let got = s.delivered(&h.addr);
-    let how = |n: &str| String::from_utf8_lossy(get(&got, &format!("{n}.how"))).trim().to_string();
+    let how = |n: &str| {
+        String::from_utf8_lossy(get(&got, &format!("{n}.how")))
+            .trim()
+            .to_string()
+    };
     let first_section = r"(?P<app>web|api)-(?P<version>[0-9.]+)\.tar\.gz$";
     assert_eq!(how("web-1.2.tar.gz"), format!("web 1.2 {first_section}"));
     assert_eq!(how("webby.zip"), "second");
-    assert_eq!(how("other.bin"), "default", "[DEFAULT] install_command inherited");
+    assert_eq!(
+        how("other.bin"),
+        "default",
+        "[DEFAULT] install_command inherited"
+    );
 }
 
 #[test]
@@ -215,7 +248,12 @@ fn a_file_that_matches_no_route_exits_3_and_sends_nothing() {
     let s = setup(1);
     let cfg = s.config(&s.route("known", &s.hosts[0], ""));
     let f = s.ws.file("unknown.tgz", b"x");
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(3);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .arg(&f)
+            .run()
+            .assert_code(3);
     assert!(r.stderr.contains("no route"), "{}", r.stderr);
     assert!(s.delivered(&s.hosts[0].addr).is_empty());
 }
@@ -234,10 +272,23 @@ fn auth_route(s: &Setup, h: &SshServer, auth: &str) -> String {
 fn password_auth_works() {
     let s = setup(1);
     let u = servers::test_user();
-    let cfg = s.config(&auth_route(&s, &s.hosts[0], &format!("login = {}\npassword = {}", u.name, u.password)));
+    let cfg = s.config(&auth_route(
+        &s,
+        &s.hosts[0],
+        &format!("login = {}\npassword = {}", u.name, u.password),
+    ));
     let f = s.ws.file("pkg-pw", b"pw");
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap(), "-vv"]).arg(&f).run().assert_code(0);
-    assert!(!r.stderr.contains(&u.password), "password leaked into the log: {}", r.stderr);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "-vv"])
+            .arg(&f)
+            .run()
+            .assert_code(0);
+    assert!(
+        !r.stderr.contains(&u.password),
+        "password leaked into the log: {}",
+        r.stderr
+    );
     assert_eq!(get(&s.delivered(&s.hosts[0].addr), "pkg-pw"), b"pw");
 }
 
@@ -248,10 +299,18 @@ fn rsa_key_auth_works() {
     let cfg = s.config(&auth_route(
         &s,
         &s.hosts[0],
-        &format!("login = {}\nidentity_file = {}", u.name, servers::keys().rsa.display()),
+        &format!(
+            "login = {}\nidentity_file = {}",
+            u.name,
+            servers::keys().rsa.display()
+        ),
     ));
     let f = s.ws.file("pkg-rsa", b"rsa");
-    s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .arg(&f)
+        .run()
+        .assert_code(0);
     assert_eq!(get(&s.delivered(&s.hosts[0].addr), "pkg-rsa"), b"rsa");
 }
 
@@ -259,7 +318,11 @@ fn rsa_key_auth_works() {
 fn agent_auth_works() {
     let s = setup(1);
     let agent = servers::start_agent(&servers::keys().ed25519);
-    let cfg = s.config(&auth_route(&s, &s.hosts[0], &format!("login = {}", servers::test_user().name)));
+    let cfg = s.config(&auth_route(
+        &s,
+        &s.hosts[0],
+        &format!("login = {}", servers::test_user().name),
+    ));
     let f = s.ws.file("pkg-agent", b"agent");
     s.ws.dispatch()
         .args(["-c", cfg.to_str().unwrap()])
@@ -275,11 +338,19 @@ fn netrc_supplies_login_and_password() {
     let s = setup(1);
     let u = servers::test_user();
     let h = &s.hosts[0];
-    let netrc = s.ws.netrc(&format!("machine {} login {} password {}\n", h.addr, u.name, u.password));
+    let netrc = s.ws.netrc(&format!(
+        "machine {} login {} password {}\n",
+        h.addr, u.name, u.password
+    ));
     let cfg = s.config(&auth_route(&s, h, ""));
     let f = s.ws.file("pkg-netrc", b"netrc");
     s.ws.dispatch()
-        .args(["-c", cfg.to_str().unwrap(), "--netrc", netrc.to_str().unwrap()])
+        .args([
+            "-c",
+            cfg.to_str().unwrap(),
+            "--netrc",
+            netrc.to_str().unwrap(),
+        ])
         .arg(&f)
         .run()
         .assert_code(0);
@@ -287,13 +358,17 @@ fn netrc_supplies_login_and_password() {
     // a netrc readable by others is refused for its passwords (like ftp(1))
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&netrc, fs::Permissions::from_mode(0o644)).unwrap();
-    let r = s
-        .ws
-        .dispatch()
-        .args(["-c", cfg.to_str().unwrap(), "--netrc", netrc.to_str().unwrap()])
-        .arg(&f)
-        .run()
-        .assert_code(1);
+    let r =
+        s.ws.dispatch()
+            .args([
+                "-c",
+                cfg.to_str().unwrap(),
+                "--netrc",
+                netrc.to_str().unwrap(),
+            ])
+            .arg(&f)
+            .run()
+            .assert_code(1);
     assert!(r.stderr.contains("readable by others"), "{}", r.stderr);
 }
 
@@ -315,18 +390,38 @@ fn unknown_host_key_is_refused_under_strict_with_a_fix_and_recorded_under_accept
     };
     let f = s.ws.file("pkg-hk", b"hk");
     let cfg = s.config(&route("strict", &empty_kh));
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(1);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .arg(&f)
+            .run()
+            .assert_code(1);
     assert!(r.stdout.contains("host key not known"), "{}", r.stdout);
-    assert!(r.stdout.contains("ssh-keyscan -p"), "the message says how to fix it: {}", r.stdout);
+    assert!(
+        r.stdout.contains("ssh-keyscan -p"),
+        "the message says how to fix it: {}",
+        r.stdout
+    );
     assert!(s.delivered(&h.addr).is_empty());
 
     let cfg = s.config(&route("accept-new", &empty_kh));
-    s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .arg(&f)
+        .run()
+        .assert_code(0);
     let recorded = fs::read_to_string(&empty_kh).unwrap();
-    assert!(recorded.contains(&format!("[{}]:{} ssh-ed25519 ", h.addr, h.port)), "{recorded}");
+    assert!(
+        recorded.contains(&format!("[{}]:{} ssh-ed25519 ", h.addr, h.port)),
+        "{recorded}"
+    );
     // and now strict accepts it
     let cfg = s.config(&route("strict", &empty_kh));
-    s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .arg(&f)
+        .run()
+        .assert_code(0);
 }
 
 #[test]
@@ -357,8 +452,17 @@ fn a_changed_host_key_is_refused_even_under_accept_new() {
             s.remote.display(),
         ));
         let f = s.ws.file("pkg-changed", b"x");
-        let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(1);
-        assert!(r.stdout.contains("HOST KEY CHANGED"), "{policy}: {}", r.stdout);
+        let r =
+            s.ws.dispatch()
+                .args(["-c", cfg.to_str().unwrap()])
+                .arg(&f)
+                .run()
+                .assert_code(1);
+        assert!(
+            r.stdout.contains("HOST KEY CHANGED"),
+            "{policy}: {}",
+            r.stdout
+        );
     }
     assert!(!s.remote.join("x").exists());
 }
@@ -378,12 +482,20 @@ fn a_wrong_password_fails_clearly_and_the_other_host_is_still_done() {
         s.remote.display()
     );
     // two sections with the same name are an error: use different patterns
-    let cfg = cfg.replacen("[pkg]", "[pkg-good]", 1).replacen("[pkg]", "[pkg-]", 1);
+    let cfg = cfg
+        .replacen("[pkg]", "[pkg-good]", 1)
+        .replacen("[pkg]", "[pkg-]", 1);
     let cfg = s.config(&cfg);
     let ok = s.ws.file("pkg-good-1", b"g");
     let ko = s.ws.file("pkg-bad-1", b"b");
     let started = Instant::now();
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&ok).arg(&ko).run().assert_code(1);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .arg(&ok)
+            .arg(&ko)
+            .run()
+            .assert_code(1);
     assert!(r.stdout.contains("rejected"), "{}", r.stdout);
     assert!(!r.stdout.contains("not-the-password") && !r.stderr.contains("not-the-password"));
     // auth rejection is not retried (retries = 2 would add ≥ 2 s of backoff)
@@ -421,11 +533,27 @@ fn a_closed_port_and_a_dropping_host_fail_within_connect_timeout_while_others_fi
         s.ws.file("closed-1", b"3"),
     ];
     let started = Instant::now();
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).args(&files).run().assert_code(1);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .args(&files)
+            .run()
+            .assert_code(1);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(8), "connect_timeout 2s, took {took:?}");
-    assert!(r.stdout.contains("drop-1") && r.stdout.contains("timed out"), "{}", r.stdout);
-    assert!(r.stdout.contains("closed-1") && r.stdout.contains("FAILED"), "{}", r.stdout);
+    assert!(
+        took < Duration::from_secs(8),
+        "connect_timeout 2s, took {took:?}"
+    );
+    assert!(
+        r.stdout.contains("drop-1") && r.stdout.contains("timed out"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("closed-1") && r.stdout.contains("FAILED"),
+        "{}",
+        r.stdout
+    );
     assert_eq!(get(&s.delivered(&good.addr), "good-1"), b"1");
 }
 
@@ -446,16 +574,43 @@ fn install_failures_huge_output_and_timeouts_are_reported() {
         s.ws.file("slow-1", b"s"),
     ];
     let started = Instant::now();
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap(), "--json"]).args(&files).run().assert_code(1);
-    assert!(started.elapsed() < Duration::from_secs(25), "{:?}", started.elapsed());
-    let res: Vec<serde_json::Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let by = |f: &str| res.iter().find(|v| v["file"] == f).unwrap_or_else(|| panic!("{f}: {res:?}"));
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(&files)
+            .run()
+            .assert_code(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    let res: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by = |f: &str| {
+        res.iter()
+            .find(|v| v["file"] == f)
+            .unwrap_or_else(|| panic!("{f}: {res:?}"))
+    };
     assert_eq!(by("fail-1")["exit_status"], 7);
     assert_eq!(by("fail-1")["ok"], false);
-    assert!(by("fail-1")["output_tail"].as_str().unwrap().contains("about to fail"));
+    assert!(by("fail-1")["output_tail"]
+        .as_str()
+        .unwrap()
+        .contains("about to fail"));
     assert_eq!(by("loud-1")["ok"], true, "8 MB on stderr must not deadlock");
     assert_eq!(by("slow-1")["ok"], false);
-    assert!(by("slow-1")["error"].as_str().unwrap().contains("install_timeout"), "{:?}", by("slow-1"));
+    assert!(
+        by("slow-1")["error"]
+            .as_str()
+            .unwrap()
+            .contains("install_timeout"),
+        "{:?}",
+        by("slow-1")
+    );
     // a failed install is not a failed upload: the files are there
     let got = s.delivered(&h.addr);
     assert_eq!(get(&got, "fail-1"), b"f");
@@ -466,23 +621,28 @@ fn install_failures_huge_output_and_timeouts_are_reported() {
 fn hostile_file_names_are_only_names() {
     let s = setup(1);
     let h = &s.hosts[0];
-    let canary = s.ws.remote_dir("canary");
+    // would-be injections create PWNED in the install's working directory
     let evil = [
-        "a b;$(touch CANARY)'.tar.gz".to_string(),
-        "q\"uo`touch CANARY`te.tar.gz".to_string(),
-        "-rf.tar.gz".to_string(),
-        "new\nline.tar.gz".to_string(),
-        "ünïcødé ✓.tar.gz".to_string(),
-        "semi;touch CANARY;.tar.gz".to_string(),
+        "a b;$(touch PWNED)'.tar.gz",
+        "q\"uo`touch PWNED`te.tar.gz",
+        "-rf.tar.gz",
+        "new\nline.tar.gz",
+        "ünïcødé ✓.tar.gz",
+        "semi;touch PWNED;.tar.gz",
+        "$(touch PWNED)",
     ]
-    .map(|n| n.replace("CANARY", &canary.join("pwned").display().to_string()));
+    .map(String::from);
     let cfg = s.config(&s.route(
-        "",
+        ".",
         h,
         "install_command = cp -- {name} {name}.copy && printf '%s' {file} > {name}.path",
     ));
     let files: Vec<PathBuf> = evil.iter().map(|n| s.ws.file(n, n.as_bytes())).collect();
-    s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).args(&files).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .args(&files)
+        .run()
+        .assert_code(0);
     let got = s.delivered(&h.addr);
     for n in &evil {
         assert_eq!(get(&got, n), n.as_bytes(), "{n:?}");
@@ -490,7 +650,14 @@ fn hostile_file_names_are_only_names() {
         let path = String::from_utf8_lossy(get(&got, &format!("{n}.path"))).to_string();
         assert!(path.ends_with(n.as_str()), "{path:?}");
     }
-    assert!(!canary.join("pwned").exists(), "an injected command ran");
+    assert!(
+        !got.iter().any(|(n, _)| n == "PWNED"),
+        "an injected command ran"
+    );
+    assert!(
+        !servers::test_user().home.join("PWNED").exists(),
+        "an injected command ran"
+    );
     assert!(!got.iter().any(|(n, _)| n.ends_with(".part")));
 }
 
@@ -506,27 +673,63 @@ fn malformed_configs_exit_2_naming_file_and_line() {
         ("[x]\nhost = h\n\n[x]\nhost = i\n", 4, "duplicate section"),
         ("[x]\nhost = h\nhost = i\n", 3, "duplicate key"),
         ("[x]\nhost = h\nconnect_timeout = soon\n", 3, "duration"),
-        ("[x]\nhost = h\njust some words\n", 3, "expected `key = value`"),
+        (
+            "[x]\nhost = h\njust some words\n",
+            3,
+            "expected `key = value`",
+        ),
         ("host = h\n[x]\nhost = h\n", 1, "before any [section]"),
         ("[x\nhost = h\n", 1, "must end with ']'"),
-        ("[x]\nhost = h\ninstall_command = run {nope}\n", 3, "unknown placeholder"),
+        (
+            "[x]\nhost = h\ninstall_command = run {nope}\n",
+            3,
+            "unknown placeholder",
+        ),
         ("[x]\nhost = h\nverify = md5\n", 3, "verify"),
         ("[dispatch]\njobs = 0\n[x]\nhost = h\n", 2, "jobs"),
-        ("[x]\nhost = h\nhost_key_check = maybe\n", 3, "host_key_check"),
+        (
+            "[x]\nhost = h\nhost_key_check = maybe\n",
+            3,
+            "host_key_check",
+        ),
     ];
     for (text, line, what) in cases {
         let cfg = ws.write_config(text);
-        let r = ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(2);
+        let r = ws
+            .dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .arg(&f)
+            .run()
+            .assert_code(2);
         let want = format!("{}:{line}: ", cfg.display());
-        assert!(r.stderr.contains(&want), "{text:?}: want {want:?} in {}", r.stderr);
-        assert!(r.stderr.contains(what), "{text:?}: want {what:?} in {}", r.stderr);
+        assert!(
+            r.stderr.contains(&want),
+            "{text:?}: want {want:?} in {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains(what),
+            "{text:?}: want {what:?} in {}",
+            r.stderr
+        );
         // `check` reports the same, also with exit 2
-        ws.dispatch().args(["-c", cfg.to_str().unwrap(), "check"]).run().assert_code(2);
+        ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "check"])
+            .run()
+            .assert_code(2);
     }
     // all problems at once
     let cfg = ws.write_config("[a(]\nhost = h\n[b]\nport = x\n");
-    let r = ws.dispatch().args(["-c", cfg.to_str().unwrap(), "check"]).run().assert_code(2);
-    assert!(r.stderr.contains(":1: ") && r.stderr.contains(":3: ") && r.stderr.contains(":4: "), "{}", r.stderr);
+    let r = ws
+        .dispatch()
+        .args(["-c", cfg.to_str().unwrap(), "check"])
+        .run()
+        .assert_code(2);
+    assert!(
+        r.stderr.contains(":1: ") && r.stderr.contains(":3: ") && r.stderr.contains(":4: "),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -535,11 +738,21 @@ fn the_legacy_config_loads_unchanged() {
     let cfg = ws.write_config(
         "[ibps]\nhost = 10.8.6.10\nlogin = ibpsusr\npassword = 123456\ninstall_command = touch /tmp/installed\n\n[cnaps2]\nhost = 10.8.6.10\nlogin = cnaps2\npassword = 123456\n",
     );
-    let r = ws.dispatch().args(["-c", cfg.to_str().unwrap(), "check"]).run().assert_code(0);
+    let r = ws
+        .dispatch()
+        .args(["-c", cfg.to_str().unwrap(), "check"])
+        .run()
+        .assert_code(0);
     assert!(r.stdout.contains("2 routes"), "{}", r.stdout);
     let r = ws
         .dispatch()
-        .args(["-c", cfg.to_str().unwrap(), "--json", "route", "ibps-1.2.tar.gz"])
+        .args([
+            "-c",
+            cfg.to_str().unwrap(),
+            "--json",
+            "route",
+            "ibps-1.2.tar.gz",
+        ])
         .run()
         .assert_code(0);
     let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
@@ -579,7 +792,11 @@ fn no_file_is_ever_visible_under_its_final_name_before_it_is_complete() {
         }
         (partial_seen, part_seen)
     });
-    s.ws.dispatch().args(["-c", cfg.to_str().unwrap()]).arg(&f).run().assert_code(0);
+    s.ws.dispatch()
+        .args(["-c", cfg.to_str().unwrap()])
+        .arg(&f)
+        .run()
+        .assert_code(0);
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     let (partial, _part_seen) = watcher.join().unwrap();
     assert_eq!(partial, 0, "final name seen with partial content");
@@ -599,9 +816,17 @@ fn check_connect_logs_in_to_every_host_and_reports() {
         s.known_hosts.display()
     );
     let cfg = s.config(&cfg);
-    let r = s.ws.dispatch().args(["-c", cfg.to_str().unwrap(), "check", "--connect"]).run().assert_code(1);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "check", "--connect"])
+            .run()
+            .assert_code(1);
     assert_eq!(r.stdout.matches(": ok (").count(), 2, "{}", r.stdout);
-    assert!(r.stdout.contains("[dead]") && r.stdout.contains("FAILED"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("[dead]") && r.stdout.contains("FAILED"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -610,15 +835,17 @@ fn dry_run_and_stdin_file_lists() {
     let cfg = s.config(&s.route("pkg", &s.hosts[0], "install_command = touch {name}.done"));
     let a = s.ws.file("pkg-a", b"a");
     let b = s.ws.file("pkg b\nwith newline", b"b");
-    let r = s
-        .ws
-        .dispatch()
-        .args(["-c", cfg.to_str().unwrap(), "--dry-run"])
-        .arg(&a)
-        .run()
-        .assert_code(0);
+    let r =
+        s.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--dry-run"])
+            .arg(&a)
+            .run()
+            .assert_code(0);
     assert!(r.stdout.contains("dry-run"), "{}", r.stdout);
-    assert!(s.delivered(&s.hosts[0].addr).is_empty(), "dry run sent something");
+    assert!(
+        s.delivered(&s.hosts[0].addr).is_empty(),
+        "dry run sent something"
+    );
     let mut list = Vec::new();
     list.extend_from_slice(a.as_os_str().as_encoded_bytes());
     list.push(0);

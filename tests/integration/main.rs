@@ -4,5 +4,7 @@
 
 mod servers;
 
-mod harness_smoke;
+mod dispatch_ssh;
 mod ftp_transport;
+mod harness_smoke;
+mod hooks;

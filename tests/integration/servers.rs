@@ -630,6 +630,9 @@ pub struct SshOptions {
     /// first: sshd keeps the first value); lines from the first `Match` on go
     /// at the end.
     pub extra_config: String,
+    /// Listen on this port instead of a free one (e.g. to share one port
+    /// across addresses, or to take over a killed server's address).
+    pub port: Option<u16>,
 }
 
 impl Default for SshOptions {
@@ -638,6 +641,7 @@ impl Default for SshOptions {
             host_key: None,
             password_auth: true,
             extra_config: String::new(),
+            port: None,
         }
     }
 }
@@ -672,7 +676,7 @@ impl SshServer {
         let (before, matches) = split_at_match(&opts.extra_config);
         let mut last_err = String::new();
         for _attempt in 0..5 {
-            let port = free_port(addr);
+            let port = opts.port.unwrap_or_else(|| free_port(addr));
             let config = dir.join("sshd_config");
             let mut cfg = String::new();
             if !before.trim().is_empty() {
@@ -1265,9 +1269,16 @@ pub fn start_agent(key: &Path) -> Agent {
         .expect("spawn ssh-agent");
     register(child.id());
     let agent = Agent { sock, child };
-    poll_until(Duration::from_secs(10), "ssh-agent socket", || {
-        agent.sock.exists().then_some(())
-    });
+    // the socket file appears at bind(), before listen(): wait until it accepts
+    poll_until(
+        Duration::from_secs(10),
+        "ssh-agent socket accepting",
+        || {
+            std::os::unix::net::UnixStream::connect(&agent.sock)
+                .ok()
+                .map(drop)
+        },
+    );
     run_ok(
         Command::new("ssh-add")
             .arg("-q")
