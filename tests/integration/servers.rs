@@ -1213,15 +1213,17 @@ impl Drop for Blocked {
     fn drop(&mut self) {
         let table = nft_table();
         let mut st = nft_state().lock().unwrap_or_else(|e| e.into_inner());
-        let _ = quiet(Command::new(sbin("nft")).args([
-            "delete",
-            "rule",
-            "inet",
-            &table,
-            "input",
-            "handle",
-            &self.handle.to_string(),
-        ]));
+        let handle = self.handle.to_string();
+        let delete = ["delete", "rule", "inet", &table, "input", "handle", &handle];
+        // a failed delete would leave the address blocked for the rest of the run: retry, then say so
+        let deleted = (0..5)
+            .any(|_| quiet(Command::new(sbin("nft")).args(delete)).is_some_and(|s| s.success()));
+        if !deleted {
+            eprintln!(
+                "servers: could not remove nft rule {handle} (block of {} {:?}) from table inet {table}",
+                self.addr, self.ports
+            );
+        }
         st.rules = st.rules.saturating_sub(1);
         if st.rules == 0 && st.table_made {
             let _ = quiet(Command::new(sbin("nft")).args(["delete", "table", "inet", &table]));
