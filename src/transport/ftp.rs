@@ -821,6 +821,10 @@ impl FtpSession {
         self.kick();
         let r = self.upload_inner(&mut file, size, dir, name);
         self.watchdog.disarm();
+        if r.is_err() {
+            // walk the directory again next time (it may be what failed)
+            self.current_dir = None;
+        }
         let (bytes, remote_path) = r?;
         log::debug!(
             "{name}: {}: FTP uploaded {bytes} bytes to {remote_path} in {:.0?}",
@@ -983,18 +987,17 @@ impl FtpSession {
         // stop watching before suppaftp closes the data socket (our clone would keep it open)
         self.watchdog.watch_data(None);
         self.kick();
-        let finished = if local_failure.is_some() {
-            // the server must not take a short file for a complete one
-            self.watchdog.fire();
-            drop(ts);
-            Ok(())
-        } else {
-            ts.finish()
-        };
         if let Some(e) = local_failure {
-            self.dead.get_or_insert_with(|| "upload aborted".into());
+            // No ABOR: vsftpd only notices it as urgent data, and the in-band
+            // ABOR suppaftp sends gets a second reply that would desynchronise
+            // the control connection. Close the data connection normally; the
+            // caller deletes the short file, which never got the final name.
+            if let Err(fin) = ts.finish() {
+                log::debug!("{name}: {}: closing the short transfer: {fin}", self.addr);
+            }
             return Err((e, true));
         }
+        let finished = ts.finish();
         match (failure, finished) {
             (None, Ok(())) => Ok(sent),
             // the server's reply says more than a broken pipe (disk full, quota…)

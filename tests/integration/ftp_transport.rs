@@ -591,3 +591,83 @@ fn a_transfer_that_stalls_fails_within_io_timeout_and_kills_the_session() {
     assert!(!s.is_alive());
     s.quit();
 }
+
+#[test]
+fn a_local_file_that_shrinks_during_upload_is_a_local_error_and_leaves_nothing() {
+    let ws = Workspace::new();
+    let ftp = FtpServer::start_with(
+        "127.0.0.3",
+        FtpOptions {
+            extra_config: "local_max_rate=4000000".into(),
+            ..Default::default()
+        },
+    );
+    let remote = ws.remote_dir("shrink");
+    let local = ws.file("shrink.bin", &random_bytes(40_000_000, 23));
+    let mut s = Login::server(&ftp).session(&ftp);
+    let part = remote.join(".shrink.bin.part");
+    let (dir, path) = (remote.display().to_string(), local.clone());
+    let worker = std::thread::spawn(move || {
+        let r = s.upload(&path, &dir, "shrink.bin");
+        (r, s)
+    });
+    servers::poll_until(Duration::from_secs(20), "upload under way", || {
+        fs::metadata(&part)
+            .ok()
+            .filter(|m| m.len() > 1_000_000)
+            .map(|_| ())
+    });
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&local)
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the local file");
+    let (r, mut s) = worker.join().expect("upload thread");
+    let e = r.expect_err("a shrinking file must fail");
+    eprintln!("shrinking file: {e:?}");
+    assert_eq!(e.kind, ErrorKind::Local, "{e}");
+    assert!(e.msg.contains("shrank"), "{e}");
+    assert!(listing(&remote).is_empty(), "left: {:?}", listing(&remote));
+
+    // the session goes on; an empty file is a file too
+    let empty = ws.file("empty.txt", b"");
+    let up = upload_ok(
+        &mut s,
+        &ftp,
+        &empty,
+        &remote.display().to_string(),
+        "empty.txt",
+    );
+    s.quit();
+    assert_eq!(up.bytes, 0);
+    assert_eq!(listing(&remote), vec!["empty.txt"]);
+}
+
+#[test]
+fn active_mode_works_over_explicit_ftps() {
+    let ws = Workspace::new();
+    let ftp = FtpServer::start_with(
+        "127.0.0.4",
+        FtpOptions {
+            tls: true,
+            ..Default::default()
+        },
+    );
+    let remote = ws.remote_dir("active-tls");
+    let data = random_bytes(1_500_000, 29);
+    let local = ws.file("active-tls.bin", &data);
+    let mut login = Login::server(&ftp).tls(Ftps::Explicit, &ftp.ca_cert);
+    login.passive = false;
+    let mut s = login.session(&ftp);
+    upload_ok(
+        &mut s,
+        &ftp,
+        &local,
+        &remote.display().to_string(),
+        "active-tls.bin",
+    );
+    s.quit();
+    assert!(fs::read(remote.join("active-tls.bin")).unwrap() == data);
+    let log = ftp.log();
+    assert!(log.contains("PORT") && log.contains("PROT P"), "{log}");
+}
