@@ -271,6 +271,8 @@ pub struct SshSession {
     sink: Option<(String, ssh2::Channel)>,
     /// A remote shell loop running one script per file (see [`DRIVER`]).
     driver: Option<ssh2::Channel>,
+    /// A connection-level failure happened: the session is not reused.
+    broken: std::cell::Cell<bool>,
 }
 
 /// Runs NUL-terminated scripts read from stdin, one at a time, each followed
@@ -400,6 +402,7 @@ impl SshSession {
             made_dirs: Vec::new(),
             sink: None,
             driver: None,
+            broken: std::cell::Cell::new(false),
         };
         s.check_host_key()?;
         s.authenticate()?;
@@ -418,6 +421,9 @@ impl SshSession {
         } else {
             kind
         };
+        if matches!(kind, ErrorKind::Connect | ErrorKind::Timeout) {
+            self.broken.set(true);
+        }
         let suffix = if self.watchdog.fired() {
             " (deadline passed, connection closed)"
         } else {
@@ -619,7 +625,7 @@ impl SshSession {
     }
 
     pub fn is_alive(&self) -> bool {
-        !self.watchdog.fired()
+        !self.watchdog.fired() && !self.broken.get()
     }
 
     pub fn target(&self) -> &SshTarget {

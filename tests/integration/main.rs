@@ -5,6 +5,7 @@
 mod servers;
 
 mod dispatch_ssh;
+mod fallback;
 mod ftp_transport;
 mod harness_smoke;
 mod hooks;
