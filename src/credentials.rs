@@ -146,9 +146,9 @@ impl Netrc {
                     let (v, _) = toks
                         .next()
                         .ok_or_else(|| err(line, format!("`{t}` without a value")))?;
-                    let m = machines
-                        .last_mut()
-                        .ok_or_else(|| err(line, format!("`{t}` must follow `machine` or `default`")))?;
+                    let m = machines.last_mut().ok_or_else(|| {
+                        err(line, format!("`{t}` must follow `machine` or `default`"))
+                    })?;
                     match t.as_str() {
                         "login" => m.login = Some(v),
                         "password" => m.password = Some(Secret::new(v)),
@@ -283,7 +283,10 @@ mod tests {
         let n = parse(
             "# comment\nmachine a login u password \"two words\"\nmacdef init\ncd /ü/dir\n\nmachine b login v password s3cr#t account acc\ndefault login anon password x\n",
         );
-        assert_eq!(n.lookup("a").unwrap().password.as_ref().unwrap().expose(), "two words");
+        assert_eq!(
+            n.lookup("a").unwrap().password.as_ref().unwrap().expose(),
+            "two words"
+        );
         let b = n.lookup("b").unwrap();
         assert_eq!(b.password.as_ref().unwrap().expose(), "s3cr#t");
         assert_eq!(b.account.as_deref(), Some("acc"));
@@ -311,6 +314,9 @@ mod tests {
         assert_eq!(a.password.unwrap().expose(), "np");
         let b = resolve(&c.routes[1], "h2", &n);
         assert_eq!(b.login, "cfg");
-        assert!(b.password.is_none(), "netrc password of another login must not be used");
+        assert!(
+            b.password.is_none(),
+            "netrc password of another login must not be used"
+        );
     }
 }

@@ -85,7 +85,10 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     }
     for d in &dirs {
         if !d.is_dir() {
-            return Err(Error::Fatal(format!("{}: drop directory does not exist", d.display())));
+            return Err(Error::Fatal(format!(
+                "{}: drop directory does not exist",
+                d.display()
+            )));
         }
     }
     let journal = Journal::open(&config.settings.state_dir)
@@ -98,7 +101,10 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
         .map_err(|e| Error::Fatal(format!("watch: {e}")))?;
     log::info!(
         "watching {} (settle {:.1}s, rescan {:.0}s)",
-        dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
         config.settings.settle.as_secs_f64(),
         config.settings.rescan.as_secs_f64()
     );
@@ -228,7 +234,10 @@ impl Daemon {
     fn on_ready(&mut self, r: Ready) {
         match r {
             Ready::File {
-                path, size, mtime_ns, ..
+                path,
+                size,
+                mtime_ns,
+                ..
             } => self.consider(path, size, mtime_ns),
             Ready::TooBusy { path, for_ } => {
                 log::warn!(
@@ -245,7 +254,11 @@ impl Daemon {
     fn consider(&mut self, path: PathBuf, size: u64, mtime_ns: i64) {
         let name = base_name(&path);
         let Some(mut item) = Item::new(&self.config, path.clone()) else {
-            if self.unrouted.insert(path.clone(), (size, mtime_ns)).is_none() {
+            if self
+                .unrouted
+                .insert(path.clone(), (size, mtime_ns))
+                .is_none()
+            {
                 log::warn!("{name}: no route matches; left in place (re-checked on SIGHUP)");
             }
             return;
@@ -281,7 +294,9 @@ impl Daemon {
                 // touched but unchanged: the same content under the same path
                 if let Ok(Some(p)) = j.lookup_by_hash(&path, &id.sha256) {
                     if j.is_done(p.id, &hosts, done_state).unwrap_or(false) {
-                        log::debug!("{name}: content unchanged since it was dispatched; not sent again");
+                        log::debug!(
+                            "{name}: content unchanged since it was dispatched; not sent again"
+                        );
                         return;
                     }
                 }
@@ -310,10 +325,7 @@ impl Daemon {
             return;
         }
         if !ok.is_empty() || states.iter().any(|(_, s, _)| *s != State::Queued) {
-            log::info!(
-                "{name}: resuming: left to do on {}",
-                todo.join(", ")
-            );
+            log::info!("{name}: resuming: left to do on {}", todo.join(", "));
         }
         let attempts = states.iter().map(|(h, _, a)| (h.clone(), *a)).collect();
         item.package = Some(pkg);
@@ -353,11 +365,19 @@ impl Daemon {
     fn on_outcome(&mut self, o: Outcome) {
         let Some(pkg) = o.package else { return };
         let max = self.config.settings.max_attempts;
-        let Some(p) = self.pending.get_mut(&pkg) else { return };
+        let Some(p) = self.pending.get_mut(&pkg) else {
+            return;
+        };
         p.in_flight.remove(&o.host);
         if o.ok {
             p.ok.insert(o.host.clone());
-            log::info!("{}: {}: {} ({})", o.file, o.host, o.state, o.transport.as_deref().unwrap_or("-"));
+            log::info!(
+                "{}: {}: {} ({})",
+                o.file,
+                o.host,
+                o.state,
+                o.transport.as_deref().unwrap_or("-")
+            );
         } else {
             let n = p.attempts.entry(o.host.clone()).or_insert(0);
             *n += 1;
@@ -370,7 +390,8 @@ impl Daemon {
                     o.host,
                     backoff.as_secs()
                 );
-                self.retries.push((Instant::now() + backoff, pkg, o.host.clone()));
+                self.retries
+                    .push((Instant::now() + backoff, pkg, o.host.clone()));
                 p.in_flight.insert(o.host.clone());
             } else {
                 log::error!(
@@ -386,7 +407,9 @@ impl Daemon {
 
     /// When nothing is left in flight: `after` on success, forget it.
     fn settle_package(&mut self, pkg: i64) {
-        let Some(p) = self.pending.get(&pkg) else { return };
+        let Some(p) = self.pending.get(&pkg) else {
+            return;
+        };
         if !p.in_flight.is_empty() {
             return;
         }
@@ -438,8 +461,14 @@ impl Daemon {
                     dest = dir.join(format!("{}.{n}", name.display()));
                     n += 1;
                 }
-                if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&p.path, &dest)) {
-                    log::warn!("{}: cannot move to {}: {e}", p.path.display(), dir.display());
+                if let Err(e) =
+                    std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&p.path, &dest))
+                {
+                    log::warn!(
+                        "{}: cannot move to {}: {e}",
+                        p.path.display(),
+                        dir.display()
+                    );
                 }
             }
         }
@@ -462,7 +491,9 @@ impl Daemon {
     }
 
     fn requeue(&mut self, pkg: i64, hosts: Vec<String>) {
-        let Some(p) = self.pending.get(&pkg) else { return };
+        let Some(p) = self.pending.get(&pkg) else {
+            return;
+        };
         let path = p.path.clone();
         let Some(mut item) = Item::new(&self.config, path.clone()) else {
             log::warn!("{}: no longer routed; dropped", path.display());
@@ -483,7 +514,11 @@ impl Daemon {
     fn reload(&mut self) {
         match self.g.load_config() {
             Ok(c) => {
-                log::info!("{}: config reloaded ({} routes)", c.path.display(), c.routes.len());
+                log::info!(
+                    "{}: config reloaded ({} routes)",
+                    c.path.display(),
+                    c.routes.len()
+                );
                 self.config = Arc::new(c);
             }
             Err(e) => {

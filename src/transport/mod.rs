@@ -34,7 +34,10 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Worth another attempt after a delay.
     pub fn is_transient(self) -> bool {
-        matches!(self, ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Verify)
+        matches!(
+            self,
+            ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Verify
+        )
     }
 
     /// The next transport in `transfer` may succeed where this one failed.
