@@ -9,3 +9,4 @@ mod fallback;
 mod ftp_transport;
 mod harness_smoke;
 mod hooks;
+mod watch_daemon;
