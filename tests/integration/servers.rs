@@ -59,6 +59,7 @@ const PASV_PORTS: u16 = 8;
 
 /// Call `f` every 10 ms until it returns `Some`, for at most `timeout`;
 /// panics with `what` if it never does. The only way tests wait.
+#[track_caller]
 pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -1528,6 +1529,7 @@ impl DispatchCmd {
 
     /// Run to completion (bounded by the timeout: on expiry the process is
     /// killed and the test panics with what it printed so far).
+    #[track_caller]
     pub fn run(self) -> RunResult {
         let described = self.describe();
         let start = Instant::now();
@@ -1688,6 +1690,7 @@ impl DispatchChild {
 
     /// Poll until stdout or stderr contains `needle`; panics (with the output)
     /// after `timeout`.
+    #[track_caller]
     pub fn wait_for_output(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -1713,6 +1716,7 @@ impl DispatchChild {
     }
 
     /// Wait for it to exit; kill it and panic after `timeout`.
+    #[track_caller]
     pub fn wait(mut self, timeout: Duration) -> RunResult {
         let mut child = self.child.take().expect("child");
         let deadline = Instant::now() + timeout;
