@@ -8,7 +8,7 @@ use std::path::Path;
 
 use log::LevelFilter;
 use log4rs::append::console::{ConsoleAppender, Target};
-use log4rs::config::{Appender, Config, Root};
+use log4rs::config::{Appender, Config, Logger, Root};
 use log4rs::encode::pattern::PatternEncoder;
 
 /// The stderr pattern when no logger.yaml is given.
@@ -41,8 +41,10 @@ fn init_stderr(level: LevelFilter) {
         .target(Target::Stderr)
         .encoder(Box::new(PatternEncoder::new(STDERR_PATTERN)))
         .build();
+    // suppaftp traces every FTP command, PASS included: never below info
     let cfg = Config::builder()
         .appender(Appender::builder().build("stderr", Box::new(console)))
+        .logger(Logger::builder().build("suppaftp", level.min(LevelFilter::Info)))
         .build(Root::builder().appender("stderr").build(level));
     if let Ok(cfg) = cfg {
         let _ = log4rs::init_config(cfg);

@@ -84,11 +84,20 @@ fn sshd_down_and_ftp_up_delivers_by_ftp_and_records_why() {
     let g = ws.file("inst-1.bin", b"needs ssh to install");
     let r = ws
         .dispatch()
-        .args(["-c", cfg.to_str().unwrap(), "--json"])
+        .args(["-c", cfg.to_str().unwrap(), "--json", "-vvv"])
         .arg(&f)
         .arg(&g)
         .run()
         .assert_code(1);
+    assert!(
+        r.stderr.contains("FTP"),
+        "trace logging was on: {}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains(&u.password) && !r.stdout.contains(&u.password),
+        "password in the log"
+    );
     let res = results(&r.stdout);
     let p = one(&res, "pkg-1.bin");
     assert_eq!(p["ok"], true, "{p}");
