@@ -7,6 +7,7 @@
 
 pub mod ftp;
 pub mod ssh;
+pub mod watchdog;
 
 use std::fmt;
 

@@ -9,10 +9,9 @@
 //! transfer fails at its deadline, not at a multiple of it.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -20,6 +19,7 @@ use ssh2::{
     CheckResult, ErrorCode, ExtendedData, HashType, HostKeyType, KnownHostFileKind, Session,
 };
 
+use super::watchdog::Watchdog;
 use super::{io_kind, ErrorKind, TransferError};
 use crate::config::{HostKeyCheck, Secret};
 
@@ -47,100 +47,6 @@ impl SshTarget {
             self.host.clone()
         } else {
             format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
-// ---------------------------------------------------------------- watchdog
-
-#[derive(Default)]
-struct WdState {
-    deadline: Option<Instant>,
-    stop: bool,
-    fired: bool,
-}
-
-/// Shuts a socket down when its deadline passes. `kick` pushes the deadline
-/// on; `disarm` stops the clock.
-pub struct Watchdog {
-    shared: Arc<(Mutex<WdState>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Watchdog {
-    pub fn new(sockets: Vec<TcpStream>, name: String) -> Watchdog {
-        let shared = Arc::new((Mutex::new(WdState::default()), Condvar::new()));
-        let s2 = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name(format!("watchdog {name}"))
-            .spawn(move || {
-                let (lock, cv) = &*s2;
-                let Ok(mut st) = lock.lock() else { return };
-                loop {
-                    if st.stop {
-                        return;
-                    }
-                    match st.deadline {
-                        None => match cv.wait(st) {
-                            Ok(g) => st = g,
-                            Err(_) => return,
-                        },
-                        Some(d) => {
-                            let now = Instant::now();
-                            if now >= d {
-                                st.fired = true;
-                                st.deadline = None;
-                                log::debug!("{name}: deadline passed, closing the connection");
-                                for s in &sockets {
-                                    let _ = s.shutdown(Shutdown::Both);
-                                }
-                                continue;
-                            }
-                            match cv.wait_timeout(st, d - now) {
-                                Ok((g, _)) => st = g,
-                                Err(_) => return,
-                            }
-                        }
-                    }
-                }
-            })
-            .ok();
-        Watchdog { shared, thread }
-    }
-
-    fn with<R>(&self, f: impl FnOnce(&mut WdState) -> R) -> Option<R> {
-        self.shared.0.lock().ok().map(|mut g| f(&mut g))
-    }
-
-    /// (Re)arm: fire `d` from now.
-    pub fn kick(&self, d: Duration) {
-        let was_idle = self
-            .with(|s| {
-                let idle = s.deadline.is_none();
-                s.deadline = Some(Instant::now() + d);
-                idle
-            })
-            .unwrap_or(false);
-        if was_idle {
-            self.shared.1.notify_all();
-        }
-    }
-
-    pub fn disarm(&self) {
-        self.with(|s| s.deadline = None);
-    }
-
-    pub fn fired(&self) -> bool {
-        self.with(|s| s.fired).unwrap_or(true)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.with(|s| s.stop = true);
-        self.shared.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }
@@ -378,7 +284,7 @@ impl SshSession {
         let clone = tcp
             .try_clone()
             .map_err(|e| err(ErrorKind::Connect, "socket", &e))?;
-        let watchdog = Watchdog::new(vec![clone], format!("ssh {addr}"));
+        let watchdog = Watchdog::new(clone, format!("ssh {addr}"));
         let mut sess = Session::new().map_err(|e| err(ErrorKind::Connect, "libssh2 init", &e))?;
         sess.set_tcp_stream(tcp);
         let ms = u32::try_from(t.io_timeout.as_millis())
@@ -980,7 +886,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (mut server_side, _) = l.accept().unwrap();
-        let wd = Watchdog::new(vec![c.try_clone().unwrap()], "t".into());
+        let wd = Watchdog::new(c.try_clone().unwrap(), "t".into());
         wd.kick(Duration::from_millis(100));
         assert!(!wd.fired());
         let started = Instant::now();
