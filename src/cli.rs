@@ -341,7 +341,12 @@ pub fn prepare(
             continue;
         };
         if let Some(j) = journal {
-            match journal::file_identity(&f) {
+            // by hand: no second read of every byte before the upload
+            let id = match source {
+                Source::Manual => journal::stat_identity(&f),
+                _ => journal::file_identity(&f),
+            };
+            match id {
                 Ok(id) => {
                     let section = &config.routes[item.route].section;
                     match j.add_package(&id, Some(section), source) {

@@ -316,6 +316,25 @@ pub fn mtime_ns(meta: &Metadata) -> i64 {
         .saturating_add(meta.mtime_nsec())
 }
 
+/// Stat `path` only: an identity without a content hash (`sha256` empty).
+/// Used for files given by hand, where hashing first would cost a second
+/// read of every byte before the upload starts.
+pub fn stat_identity(path: &Path) -> io::Result<FileIdentity> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}: not a regular file", path.display()),
+        ));
+    }
+    Ok(FileIdentity {
+        path: path.to_path_buf(),
+        size: meta.len(),
+        mtime_ns: mtime_ns(&meta),
+        sha256: String::new(),
+    })
+}
+
 /// Stat `path` and hash its content (streaming, 64 KiB buffer). If the file
 /// changes while it is being read, it is read again (three tries), so size,
 /// mtime and hash always describe the same content.
