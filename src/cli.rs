@@ -194,7 +194,11 @@ pub fn main() -> u8 {
             .and_then(|p| Config::load(&p).ok())
             .and_then(|c| c.settings.log_config)
     });
-    if let Err(e) = crate::logging::init(log_file.as_deref(), cli.global.level()) {
+    // `dispatch FILE…` prints one line per result; without -v its stderr log
+    // would only repeat the failures
+    let results_on_stdout = cli.command.is_none() && cli.global.verbose == 0;
+    if let Err(e) = crate::logging::init(log_file.as_deref(), cli.global.level(), results_on_stdout)
+    {
         eprintln!("dispatch: {e}");
     }
     match run(cli) {
@@ -393,6 +397,20 @@ pub fn run_batch(
     all
 }
 
+/// A file name for a terminal line: control characters (a newline in a
+/// name) escaped, everything else as is.
+pub fn shown(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn print_outcome(g: &Global, o: &Outcome) {
     let mut out = std::io::stdout().lock();
     if g.json {
@@ -404,7 +422,7 @@ pub fn print_outcome(g: &Global, o: &Outcome) {
     if g.quiet && o.ok {
         return;
     }
-    let name = o.file.escape_debug();
+    let name = shown(&o.file);
     let how = o.transport.as_deref().unwrap_or("-");
     if o.ok {
         let fb = o
@@ -447,7 +465,7 @@ fn dispatch_files(g: &Global, files: Vec<PathBuf>) -> Result<u8, Error> {
     for f in &p.unrouted {
         eprintln!(
             "dispatch: {}: no route matches this name",
-            route::base_name(f).escape_debug()
+            shown(&route::base_name(f))
         );
         log::warn!("{}: no route matches", route::base_name(f));
     }
@@ -494,7 +512,7 @@ fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
                 let v = serde_json::json!({"file": name, "route": null});
                 let _ = writeln!(out, "{v}");
             } else {
-                let _ = writeln!(out, "{}: no route matches", name.escape_debug());
+                let _ = writeln!(out, "{}: no route matches", shown(&name));
             }
             continue;
         };
@@ -518,7 +536,7 @@ fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
                 let _ = writeln!(
                     out,
                     "{}: [{}] (line {}) → {}@{host}:{} ({} from {})\n    dir:     {dir}\n    install: {}\n    via:     {}",
-                    name.escape_debug(),
+                    shown(&name),
                     r.route.section,
                     r.route.line,
                     creds.login,

@@ -15,7 +15,13 @@ use log4rs::encode::pattern::PatternEncoder;
 const STDERR_PATTERN: &str = "{d(%Y-%m-%d %H:%M:%S%.3f)} {h({l:5})} [{T}] {M}: {m}{n}";
 
 /// Start logging. A broken logger.yaml is reported and stderr is used instead.
-pub fn init(file: Option<&Path>, level: LevelFilter) -> Result<(), String> {
+/// `results_on_stdout`: the command prints a line per result itself, so the
+/// stderr fallback leaves out the per-file lines of `dispatch::job`.
+pub fn init(
+    file: Option<&Path>,
+    level: LevelFilter,
+    results_on_stdout: bool,
+) -> Result<(), String> {
     if let Some(path) = file {
         match log4rs::config::load_config_file(path, Default::default()) {
             Ok(cfg) => {
@@ -24,7 +30,7 @@ pub fn init(file: Option<&Path>, level: LevelFilter) -> Result<(), String> {
                     .map_err(|e| format!("{}: {e}", path.display()));
             }
             Err(e) => {
-                init_stderr(level);
+                init_stderr(level, results_on_stdout);
                 return Err(format!(
                     "{}: cannot load log config ({e}); logging to stderr",
                     path.display()
@@ -32,18 +38,24 @@ pub fn init(file: Option<&Path>, level: LevelFilter) -> Result<(), String> {
             }
         }
     }
-    init_stderr(level);
+    init_stderr(level, results_on_stdout);
     Ok(())
 }
 
-fn init_stderr(level: LevelFilter) {
+fn init_stderr(level: LevelFilter, results_on_stdout: bool) {
     let console = ConsoleAppender::builder()
         .target(Target::Stderr)
         .encoder(Box::new(PatternEncoder::new(STDERR_PATTERN)))
         .build();
     // suppaftp traces every FTP command, PASS included: never below info
+    let job_level = if results_on_stdout {
+        LevelFilter::Off
+    } else {
+        level
+    };
     let cfg = Config::builder()
         .appender(Appender::builder().build("stderr", Box::new(console)))
+        .logger(Logger::builder().build("dispatch::job", job_level))
         .logger(Logger::builder().build("suppaftp", level.min(LevelFilter::Info)))
         .build(Root::builder().appender("stderr").build(level));
     if let Ok(cfg) = cfg {
