@@ -581,6 +581,47 @@ impl Lane {
                 return Err(e);
             }
         };
+        // size check and rename over SFTP (no remote process), then the
+        // install through the session's script runner
+        if route.verify != Verify::Sha256 {
+            let size = (route.verify == Verify::Size).then_some(bytes);
+            match ssh.sftp_finalize(dir, &tmp_name, &item.name, size) {
+                Ok(true) => {
+                    let done = match install {
+                        None => None,
+                        Some(cmd) => {
+                            let script = format!(
+                                "cd -- {} || exit 231; {}",
+                                shell_quote(dir),
+                                wrap_install(cmd, route.install_timeout)
+                            );
+                            let limit = route.install_timeout + Duration::from_secs(15);
+                            let out = ssh.run_script(&script, limit, None).map_err(|e| {
+                                TransferError::new(ErrorKind::Remote, format!("after upload: {e}"))
+                            })?;
+                            Some(InstallResult {
+                                status: out.status,
+                                signal: out.signal,
+                                output: out.output,
+                            })
+                        }
+                    };
+                    return Ok(Uploaded {
+                        transport: Transport::Scp,
+                        bytes,
+                        done,
+                    });
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    if ssh.is_alive() {
+                        let _ =
+                            ssh.exec(&format!("rm -f -- {}", shell_quote(&tmp)), route.io_timeout);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         // verify the temp file, rename it into place and install, in one call
         let script = finalize_script(route, dir, &item.name, bytes, sha.as_deref(), install);
         let limit = route.io_timeout

@@ -179,6 +179,9 @@ pub struct SshSession {
     driver: Option<ssh2::Channel>,
     /// A connection-level failure happened: the session is not reused.
     broken: std::cell::Cell<bool>,
+    /// The session's SFTP channel, for checks and renames that need no
+    /// remote process; `Err` once it proved unavailable.
+    sftp: Option<Result<ssh2::Sftp, ()>>,
 }
 
 /// Runs NUL-terminated scripts read from stdin, one at a time, each followed
@@ -309,6 +312,7 @@ impl SshSession {
             sink: None,
             driver: None,
             broken: std::cell::Cell::new(false),
+            sftp: None,
         };
         s.check_host_key()?;
         s.authenticate()?;
@@ -634,6 +638,78 @@ impl SshSession {
             self.sink = None;
         }
         r
+    }
+
+    /// Check `dir/tmp_name` (its size, if `size` is given) and rename it to
+    /// `dir/name` over SFTP: no remote process per file. `Ok(false)`: the
+    /// host has no SFTP subsystem; do it with a shell instead.
+    pub fn sftp_finalize(
+        &mut self,
+        dir: &str,
+        tmp_name: &str,
+        name: &str,
+        size: Option<u64>,
+    ) -> Result<bool, TransferError> {
+        if self.sftp.is_none() {
+            self.watchdog.kick(self.target.io_timeout);
+            let opened = self.sess.sftp();
+            self.watchdog.disarm();
+            self.sftp = Some(match opened {
+                Ok(s) => Ok(s),
+                Err(e) => {
+                    if self.watchdog.fired() {
+                        return Err(self.fail(ErrorKind::Timeout, "sftp", &e));
+                    }
+                    log::debug!(
+                        "ssh {}: no SFTP ({e}); renaming with a shell",
+                        self.target.addr()
+                    );
+                    Err(())
+                }
+            });
+        }
+        let Some(Ok(sftp)) = &self.sftp else {
+            return Ok(false);
+        };
+        let tmp = PathBuf::from(crate::route::remote_join(dir, tmp_name));
+        let fin = PathBuf::from(crate::route::remote_join(dir, name));
+        let addr = self.target.addr();
+        let remote = |what: String, e: ssh2::Error| match e.code() {
+            ErrorCode::SFTP(_) => {
+                TransferError::new(ErrorKind::Remote, format!("ssh {addr}: {what}: {e}"))
+            }
+            _ => TransferError::new(ssh_kind(&e), format!("ssh {addr}: {what}: {e}")),
+        };
+        self.watchdog.kick(self.target.io_timeout);
+        let r = (|| {
+            if let Some(want) = size {
+                let st = sftp
+                    .stat(&tmp)
+                    .map_err(|e| remote(format!("stat {}", tmp.display()), e))?;
+                if st.size != Some(want) {
+                    return Err(TransferError::new(
+                        ErrorKind::Verify,
+                        format!(
+                            "ssh {addr}: verification failed: {} has {} bytes on the host, sent {want}",
+                            tmp.display(),
+                            st.size.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
+                        ),
+                    ));
+                }
+            }
+            // SFTP v3 rename refuses an existing target: remove it first (the
+            // final name is briefly absent, never partial)
+            let _ = sftp.unlink(&fin);
+            sftp.rename(&tmp, &fin, None)
+                .map_err(|e| remote(format!("rename {} to {name}", tmp.display()), e))
+        })();
+        self.watchdog.disarm();
+        if let Err(e) = &r {
+            if matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout) || self.watchdog.fired() {
+                self.broken.set(true);
+            }
+        }
+        r.map(|_| true)
     }
 
     /// Read the sink's one-byte answer: 0 = ok, 1/2 + a message line = error.

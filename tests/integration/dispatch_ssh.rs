@@ -860,3 +860,53 @@ fn dry_run_and_stdin_file_lists() {
     assert_eq!(get(&got, "pkg-a"), b"a");
     assert_eq!(get(&got, "pkg b\nwith newline"), b"b");
 }
+
+#[test]
+fn a_host_without_sftp_gets_the_same_verify_rename_and_install_through_a_shell() {
+    let ws = Workspace::new();
+    let h = SshServer::start_with(
+        &servers::fresh_addr(),
+        servers::SshOptions {
+            extra_config: "Subsystem sftp /bin/false\n".into(),
+            ..Default::default()
+        },
+    );
+    let kh = ws.known_hosts(&[&h]);
+    let remote = ws.remote_dir("remote");
+    let cfg = ws.write_config(&format!(
+        "[dispatch]\nstate_dir = {}\n[pkg]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\ndest_dir = {}/d\ninstall_command = sha256sum {{name}} > {{name}}.installed\n",
+        ws.path().join("state").display(),
+        h.addr,
+        h.port,
+        servers::test_user().name,
+        servers::keys().ed25519.display(),
+        kh.display(),
+        remote.display(),
+    ));
+    let files: Vec<PathBuf> = (0..3)
+        .map(|i| ws.file(&format!("pkg-{i}"), format!("content {i}").as_bytes()))
+        .collect();
+    let r = ws
+        .dispatch()
+        .args(["-c", cfg.to_str().unwrap(), "-vv"])
+        .args(&files)
+        .run()
+        .assert_code(0);
+    assert!(
+        r.stderr.contains("no SFTP"),
+        "the shell path was not taken: {}",
+        r.stderr
+    );
+    for i in 0..3 {
+        let d = remote.join("d");
+        assert_eq!(
+            fs::read(d.join(format!("pkg-{i}"))).unwrap(),
+            format!("content {i}").as_bytes()
+        );
+        let marker = fs::read_to_string(d.join(format!("pkg-{i}.installed"))).unwrap();
+        assert!(marker.contains(&format!("pkg-{i}")), "{marker}");
+    }
+    assert!(!read_dir(&remote.join("d"))
+        .iter()
+        .any(|p| p.to_string_lossy().ends_with(".part")));
+}

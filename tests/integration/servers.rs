@@ -705,12 +705,17 @@ MaxStartups 200:30:400
 MaxSessions 100
 LogLevel VERBOSE
 SetEnv DISPATCH_TEST_HOST={addr}
-Subsystem sftp /usr/lib/openssh/sftp-server
-",
+{sftp}",
                 host_key = host_key.display(),
                 pidfile = dir.join("sshd.pid").display(),
                 ak = keys.authorized_keys_dir.display(),
                 pw = if opts.password_auth { "yes" } else { "no" },
+                // sshd refuses a second Subsystem line: extra_config may bring its own
+                sftp = if opts.extra_config.contains("Subsystem") {
+                    ""
+                } else {
+                    "Subsystem sftp /usr/lib/openssh/sftp-server\n"
+                },
             );
             if !matches.is_empty() {
                 let _ = writeln!(cfg, "{matches}");
