@@ -395,7 +395,7 @@ impl Lane {
                         item.name,
                         delay.as_secs_f64()
                     );
-                    std::thread::sleep(delay);
+                    std::thread::sleep(delay); // retry backoff
                     delay = (delay * 2).min(Duration::from_secs(300));
                 }
                 Err(e) => break Err(e),

@@ -1200,7 +1200,7 @@ mod tests {
             f.write_all(&chunk).unwrap();
             f.flush().unwrap();
             // the writer's own pace, not a wait for the watcher
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(300)); // writer pacing, not a poll
             assert!(rx.try_recv().is_err(), "reported while still open");
         }
         drop(f);

@@ -69,7 +69,7 @@ pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Optio
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
-        thread::sleep(Duration::from_millis(10));
+        thread::sleep(Duration::from_millis(10)); // poll step
     }
 }
 
@@ -864,7 +864,7 @@ fn wait_for_banner(
                 fs::read_to_string(log).unwrap_or_default()
             );
         }
-        thread::sleep(Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20)); // poll step
     }
 }
 
@@ -1580,7 +1580,7 @@ impl DispatchCmd {
                 kill_child(&mut child);
                 break None;
             }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(Duration::from_millis(10)); // poll step
         };
         unregister(child.id());
         let elapsed = start.elapsed();
@@ -1710,7 +1710,7 @@ impl DispatchChild {
                     self.stderr()
                 );
             }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(Duration::from_millis(10)); // poll step
         }
     }
 
@@ -1733,7 +1733,7 @@ impl DispatchChild {
                 kill_child(&mut child);
                 break None;
             }
-            thread::sleep(Duration::from_millis(10));
+            thread::sleep(Duration::from_millis(10)); // poll step
         };
         unregister(child.id());
         let Some(status) = status else {
