@@ -1,0 +1,900 @@
+#!/usr/bin/env bash
+# bench/run.sh - dispatch against the tools operators use today, measured in the same run,
+# on throwaway OpenSSH "hosts" on loopback (127.0.0.2-5, one sshd each, own port and user).
+#
+#   bench/run.sh [WORKLOAD...]      workloads: throughput many dropdir scale  (default: all four)
+#
+# Environment (defaults):
+#   RUNS=3             repetitions per workload; medians are reported
+#   SIZE_MB=1024       throughput: size of the random file (MiB)
+#   NFILES=200 FILE_KB=100   many: number and size (KiB) of the packages, sent to 4 hosts
+#   SCALE_FILES=100000 scale: files in the drop dir
+#   LEGACY_TIMEOUT=600 many: the legacy flood is cut off (and its leftovers counted failed) after this many s
+#   LEGACY_RUNS=$RUNS  many: runs of the legacy flood (minutes each at full size; it loads the machine)
+#   LSYNCD_DELAYS="0 15"   dropdir: lsyncd `delay` settings to measure (15 is lsyncd's default)
+#   DISPATCH_BIN=      a dispatch binary to use; default: `cargo build --release` in the repo
+#   DISPATCH_DESC=     how that binary was built (goes into the report)
+#   BENCH_PORT=2422    sshd port (all hosts share it, on 127.0.0.2-5); 2222/2322 are used by others
+#   BENCH_USER=dsp-bench   login created for the run (and deleted after, if this run created it)
+#   RESULTS_DIR=bench/results   where <date>.md is written
+#   KEEP=1             keep the temp dir (configs, logs, per-run values) for inspection
+#
+# Needs root (sshd switching users, useradd), OpenSSH client+server, /usr/bin/time, inotify-tools;
+# lsyncd and sqlite3 are used if installed. Everything listens on 127.0.0.0/8 only; every process
+# started here is stopped by pid on exit. Timings are noisy on a shared machine: each workload runs
+# RUNS times, tools in rotating order, and ratios are taken per run (dispatch and its peers measured
+# minutes apart at most) before the median.
+set -euo pipefail
+export LC_ALL=C
+unset SSH_AUTH_SOCK SSH_AGENT_PID || true
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+RUNS=${RUNS:-3}
+SIZE_MB=${SIZE_MB:-1024}
+NFILES=${NFILES:-200}
+FILE_KB=${FILE_KB:-100}
+SCALE_FILES=${SCALE_FILES:-100000}
+LEGACY_TIMEOUT=${LEGACY_TIMEOUT:-600}
+LEGACY_RUNS=${LEGACY_RUNS:-$RUNS}
+LSYNCD_DELAYS=${LSYNCD_DELAYS:-0 15}
+PORT=${BENCH_PORT:-2422}
+BUSER=${BENCH_USER:-dsp-bench}
+RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
+KEEP=${KEEP:-0}
+HOSTS=(127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5)
+WORKLOADS=("$@")
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(throughput many dropdir scale)
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for w in "${WORKLOADS[@]}"; do
+  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) die "unknown workload '$w' (throughput many dropdir scale)" ;; esac
+done
+[ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
+[[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
+for c in /usr/sbin/sshd ssh scp ssh-keygen /usr/bin/time sha256sum awk ss; do
+  command -v "$c" >/dev/null || die "$c missing (apt-get install openssh-server openssh-client time iproute2)"
+done
+if ss -Hltn "sport = :$PORT" | grep -q .; then die "port $PORT is in use; set BENCH_PORT"; fi
+
+# ---------------------------------------------------------------- state, cleanup
+W=$(mktemp -d /tmp/dsp-bench.XXXXXX)
+chmod 755 "$W"
+RHOME=$W/home                 # the bench user's home = the "remote" file systems
+PIDS=()                       # every long-lived process started here
+SSHD_PIDS=()
+CG=''                         # cpuacct cgroup holding the sshd's (server CPU), if available
+CREATED_USER=0
+TICK=$(getconf CLK_TCK)
+exec {NAPFD}<> <(:)           # read -t on this fd = a sleep without a fork
+nap() { read -r -t "$1" -u "$NAPFD" _ || true; }
+
+stop_pid() { # pid [signal]: stop one process we started, wait (bounded), then KILL
+  local p=$1 i
+  kill -0 "$p" 2>/dev/null || return 0
+  kill "-${2:-TERM}" "$p" 2>/dev/null || true
+  for i in $(seq 100); do kill -0 "$p" 2>/dev/null || return 0; nap 0.05; done
+  kill -KILL "$p" 2>/dev/null || true
+}
+
+cleanup() {
+  set +e
+  local p
+  for p in "${PIDS[@]}"; do stop_pid "$p"; done
+  if [ "$CREATED_USER" = 1 ]; then
+    # processes running as the bench user were started by our sshds (sessions, remote scp)
+    for p in $(pgrep -u "$BUSER" 2>/dev/null); do kill "$p" 2>/dev/null; done
+    userdel "$BUSER" 2>/dev/null
+  fi
+  if [ -n "$CG" ]; then
+    for p in $(seq 50); do rmdir "$CG" 2>/dev/null && break; nap 0.1; done
+  fi
+  if [ "$KEEP" = 1 ]; then log "kept $W"; else rm -rf "$W"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+# ---------------------------------------------------------------- small helpers
+calc() { awk "BEGIN { printf \"%.3f\", $* }"; }
+fmt() { # number [decimals]
+  case $1 in '' | - | n/a) printf '%s' "${1:--}" ;; *) awk -v v="$1" -v d="${2:-2}" 'BEGIN { printf "%.*f", d, v }' ;; esac
+}
+rec() { mkdir -p "$W/res"; printf '%s\n' "$4" >>"$W/res/$1.$2.$3"; } # workload tool metric value
+med() { # workload tool metric -> median, or -
+  local f=$W/res/$1.$2.$3
+  [ -s "$f" ] || { printf -- -; return; }
+  sort -g "$f" | awk '{ a[NR] = $1 } END { if (NR % 2) m = a[(NR + 1) / 2]; else m = (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.6g", m }'
+}
+vals() { # workload tool metric [decimals] -> "a, b, c"
+  local f=$W/res/$1.$2.$3
+  [ -s "$f" ] || { printf -- -; return; }
+  awk -v d="${4:-2}" '{ printf "%s%.*f", (NR > 1 ? ", " : ""), d, $1 }' "$f"
+}
+sum() { local f=$W/res/$1.$2.$3; [ -s "$f" ] && awk '{ s += $1 } END { print s }' "$f" || printf 0; }
+count() { local f=$W/res/$1.$2.$3; [ -s "$f" ] && wc -l <"$f" | tr -d ' ' || printf 0; }
+yesno() { awk -v v="$1" -v t="$3" "BEGIN { if (v == \"-\" || v == \"\") { print \"n/a\"; exit } print ((v $2 t) ? \"yes\" : \"no\") }"; }
+md() { printf '%s\n' "$@" >>"$W/report.md"; } # one line per argument
+ctimes() { times >"$W/times.$1"; } # snapshot of CPU used by waited-for children (builtin: no fork)
+cdelta() { # snapshot-a snapshot-b -> CPU seconds (user+sys) of the children reaped in between
+  awk 'FNR == 2 { split($1, u, /[ms]/); split($2, s, /[ms]/); v = u[1] * 60 + u[2] + s[1] * 60 + s[2]; if (NR == FNR) a = v; else b = v }
+       END { printf "%.3f", b - a }' "$W/times.$1" "$W/times.$2"
+}
+rotate() { # k items... -> the items rotated left by k
+  local k=$1; shift
+  local n=$# i a=("$@")
+  for ((i = 0; i < n; i++)); do printf '%s\n' "${a[$(((i + k) % n))]}"; done
+}
+tv_field() { # /usr/bin/time -v file, field prefix
+  awk -F': ' -v k="$2" 'index($0, k) { gsub(/^[ \t]+/, "", $2); print $2; exit }' "$1" 2>/dev/null
+}
+tv_rss_mb() { calc "$(tv_field "$1" 'Maximum resident set size (kbytes)') / 1024"; }
+proc_stat() { # pid -> PSTAT: the fields of /proc/pid/stat after "(comm)" ([0] = state, [11] = utime)
+  local line
+  read -r line <"/proc/$1/stat" 2>/dev/null || return 1
+  read -ra PSTAT <<<"${line##*) }"
+}
+proc_cpu_ticks() { proc_stat "$1" || return 1; echo $((PSTAT[11] + PSTAT[12])); }          # utime + stime
+sshd_cpu() { # CPU seconds used so far by the sshd's and everything they started, once no session is left
+  local p i busy
+  for i in $(seq 250); do
+    busy=0
+    for p in "${SSHD_PIDS[@]}"; do if pgrep -P "$p" >/dev/null; then busy=1; fi; done
+    [ $busy = 0 ] && break
+    nap 0.02
+  done
+  # a cgroup counts exited processes too; the sshd listener's cutime does not see the sessions
+  # (measured: 2 ticks for a 200 MB scp), so without a cgroup there is no server figure
+  if [ -z "$CG" ]; then
+    printf -- -
+  elif [ -f "$CG/cpuacct.usage" ]; then
+    read -r i <"$CG/cpuacct.usage" && calc "$i / 1e9"
+  else
+    awk '$1 == "usage_usec" { printf "%.3f", $2 / 1e6 }' "$CG/cpu.stat"
+  fi
+}
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# ---------------------------------------------------------------- the binary
+GIT_REV=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+GIT_DIRTY=
+if git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q .; then GIT_DIRTY=" + uncommitted changes"; fi
+if [ -n "${DISPATCH_BIN:-}" ]; then
+  DISPATCH_DESC=${DISPATCH_DESC:-given as DISPATCH_BIN=$DISPATCH_BIN}
+else
+  DISPATCH_DESC="built from $REPO at $GIT_REV$GIT_DIRTY"
+  log "building dispatch (cargo build --release in $REPO)"
+  (cd "$REPO" && cargo build --release --quiet) || die "cargo build --release failed"
+  DISPATCH_BIN=$REPO/target/release/dispatch
+fi
+[ -x "$DISPATCH_BIN" ] || die "$DISPATCH_BIN is not an executable"
+DISPATCH_BIN=$(readlink -f "$DISPATCH_BIN")
+DISPATCH_SHA=$(sha256sum "$DISPATCH_BIN" | cut -c1-16)
+
+# ---------------------------------------------------------------- hosts: user, keys, sshd per address
+setup_hosts() {
+  mkdir -p /run/sshd && chmod 755 /run/sshd
+  if id "$BUSER" >/dev/null 2>&1; then
+    usermod -d "$RHOME" "$BUSER"
+  else
+    useradd -M -d "$RHOME" -s /bin/sh "$BUSER"
+    CREATED_USER=1
+  fi
+  usermod -p '*' "$BUSER" # not locked ("!"), no password: sshd (UsePAM no) allows key login
+  mkdir -p "$RHOME" "$W/ak" "$W/data" "$W/res" "$W/state" "$W/bin"
+  chown "$BUSER:" "$RHOME"
+  chmod 755 "$RHOME"
+  ssh-keygen -q -t ed25519 -N '' -C dsp-bench-host -f "$W/host_ed25519"
+  ssh-keygen -q -t ed25519 -N '' -C dsp-bench-client -f "$W/client_ed25519"
+  cp "$W/client_ed25519.pub" "$W/ak/$BUSER"
+  : >"$W/known_hosts"
+  local h i=0
+  if [ -d /sys/fs/cgroup/cpuacct ] && mkdir "/sys/fs/cgroup/cpuacct/dsp-bench.$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/cpuacct/dsp-bench.$$
+  elif [ -f /sys/fs/cgroup/cgroup.controllers ] && mkdir "/sys/fs/cgroup/dsp-bench.$$" 2>/dev/null; then
+    CG=/sys/fs/cgroup/dsp-bench.$$ # cgroup v2: cpu.stat usage_usec
+  fi
+  for h in "${HOSTS[@]}"; do
+    i=$((i + 1))
+    # Only what a test host needs is set. sshd defaults kept on purpose, because the comparison
+    # depends on them: MaxStartups 10:30:100 (the legacy flood), MaxSessions 10 (multiplexing),
+    # ciphers/KEX (chacha20-poly1305 first), UsePAM no (sshd's built-in default; Debian's shipped
+    # config turns PAM on), LogLevel INFO.
+    cat >"$W/sshd.$i.conf" <<EOF
+Port $PORT
+ListenAddress $h
+HostKey $W/host_ed25519
+PidFile $W/sshd.$i.pid
+AuthorizedKeysFile $W/ak/%u
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UseDNS no
+Subsystem sftp /usr/lib/openssh/sftp-server
+EOF
+    /usr/sbin/sshd -t -f "$W/sshd.$i.conf" || die "sshd config $i invalid"
+    (
+      if [ -n "$CG" ]; then echo "$BASHPID" >"$CG/cgroup.procs"; fi
+      exec /usr/sbin/sshd -D -f "$W/sshd.$i.conf" -E "$W/sshd.$i.log"
+    ) &
+    PIDS+=($!)
+    SSHD_PIDS+=($!)
+    echo "[$h]:$PORT $(cut -d' ' -f1,2 "$W/host_ed25519.pub")" >>"$W/known_hosts"
+  done
+  for h in "${HOSTS[@]}"; do
+    for i in $(seq 100); do ss -Hltn "src $h:$PORT" | grep -q LISTEN && break; nap 0.05; done
+    ss -Hltn "src $h:$PORT" | grep -q LISTEN || die "sshd on $h:$PORT did not start (see $W/sshd.*.log)"
+  done
+  SSH_OPTS=(-F /dev/null -o "Port=$PORT" -o "User=$BUSER" -o "IdentityFile=$W/client_ed25519"
+    -o IdentitiesOnly=yes -o "UserKnownHostsFile=$W/known_hosts" -o GlobalKnownHostsFile=/dev/null
+    -o StrictHostKeyChecking=yes -o BatchMode=yes -o Compression=no -o LogLevel=ERROR)
+  for h in "${HOSTS[@]}"; do
+    ssh "${SSH_OPTS[@]}" "$h" true || die "cannot log in to $h:$PORT as $BUSER (see $W/sshd.*.log)"
+  done
+  # the options, quoted, for helper scripts
+  SSH_OPTS_Q=$(printf '%q ' "${SSH_OPTS[@]}")
+  log "hosts up: ${HOSTS[*]} port $PORT, user $BUSER, dir $W"
+}
+
+dispatch_config() { # file section hosts dest_dir install_command [extra [dispatch] lines]
+  local f=$1 section=$2 hosts=$3 dest=$4 install=$5 extra=${6:-} state
+  state=$W/state/$(basename "$1" .ini)
+  {
+    echo "[dispatch]"
+    echo "state_dir = $state"
+    echo "jobs = 8"
+    echo "max_sessions_per_host = 2"
+    if [ -n "$extra" ]; then printf '%s\n' "$extra"; fi
+    echo
+    echo "[$section]"
+    echo "host = $hosts"
+    echo "port = $PORT"
+    echo "login = $BUSER"
+    echo "identity_file = $W/client_ed25519"
+    echo "known_hosts = $W/known_hosts"
+    echo "transfer = scp"
+    echo "dest_dir = $dest"
+    if [ -n "$install" ]; then echo "install_command = $install"; fi
+  } >"$f"
+}
+
+# ================================================================= 1. throughput
+wl_throughput() {
+  local size=$((SIZE_MB * 1024 * 1024)) name=tp-${SIZE_MB}M.bin
+  local f=$W/data/$name h=${HOSTS[0]} dir=$RHOME/tp
+  log "throughput: making a $SIZE_MB MiB random file"
+  head -c "$size" /dev/urandom >"$f"
+  local want; want=$(sha256sum <"$f" | cut -d' ' -f1)
+  install -d -o "$BUSER" "$dir"
+  dispatch_config "$W/tp.ini" 'tp-' "$h" "$dir" ""
+  local load0; load0=$(loadavg)
+  local r tool
+  for ((r = 1; r <= RUNS; r++)); do
+    for tool in $(rotate $((r - 1)) dispatch scp scp-O); do
+      rm -f "$dir/$name" "$dir/.$name.part"
+      rm -rf "$W/state/tp"
+      sync
+      local c0 t0 t1 rc=0 out=$W/tp.$tool.$r
+      c0=$(sshd_cpu)
+      ctimes a
+      t0=$EPOCHREALTIME
+      case $tool in
+        dispatch) /usr/bin/time -v -o "$out.time" "$DISPATCH_BIN" -c "$W/tp.ini" --json "$f" >"$out.out" 2>"$out.err" || rc=$? ;;
+        scp) /usr/bin/time -v -o "$out.time" scp -q "${SSH_OPTS[@]}" "$f" "$h:$dir/" >"$out.out" 2>"$out.err" || rc=$? ;;
+        scp-O) /usr/bin/time -v -o "$out.time" scp -O -q "${SSH_OPTS[@]}" "$f" "$h:$dir/" >"$out.out" 2>"$out.err" || rc=$? ;;
+      esac
+      t1=$EPOCHREALTIME
+      ctimes b
+      local secs; secs=$(calc "$t1 - $t0")
+      local c1; c1=$(sshd_cpu)
+      local got=none
+      [ -f "$dir/$name" ] && got=$(sha256sum <"$dir/$name" | cut -d' ' -f1)
+      if [ $rc = 0 ] && [ "$got" = "$want" ]; then
+        local mbs; mbs=$(calc "$size / $secs / 1000000")
+        rec tp "$tool" mbs "$mbs"
+        rec tp "$tool" secs "$secs"
+        rec tp "$tool" ccpu "$(cdelta a b)"
+        rec tp "$tool" scpu "$(calc "$c1 - $c0")"
+        rec tp "$tool" rss "$(tv_rss_mb "$out.time")"
+        echo "$mbs" >"$W/tp.cur.$tool"
+        log "throughput run $r: $tool $(fmt "$mbs" 0) MB/s ($(fmt "$secs") s), sha256 ok"
+      else
+        rec tp "$tool" fail 1
+        rm -f "$W/tp.cur.$tool"
+        log "throughput run $r: $tool FAILED (exit $rc, sha256 ${got:0:12} vs ${want:0:12}): $(tail -c 300 "$out.err" | tr '\n' ' ')"
+      fi
+    done
+    for tool in scp scp-O; do
+      if [ -f "$W/tp.cur.dispatch" ] && [ -f "$W/tp.cur.$tool" ]; then
+        rec tp "$tool" ratio "$(calc "$(cat "$W/tp.cur.dispatch") / $(cat "$W/tp.cur.$tool")")"
+      fi
+    done
+    rm -f "$W"/tp.cur.*
+  done
+  rm -f "$f" "$dir/$name"
+  local rss ratio_scp ratio_o
+  rss=$(med tp dispatch rss)
+  ratio_scp=$(med tp scp ratio)
+  ratio_o=$(med tp scp-O ratio)
+  md ""
+  md "## 1. Throughput: one ${SIZE_MB} MiB random file to one host"
+  md ""
+  md "Wall time from start to exit of the command; MB = 10^6 bytes. The remote file's sha256 is checked after every run (a run with a wrong or missing file counts as failed). Client CPU = user+sys of the command and its children (scp includes its ssh); server CPU = sshd session processes. Load average at start: $load0, at end: $(loadavg)."
+  md ""
+  md "| tool | MB/s (median) | MB/s per run | wall s (median) | client CPU s | server CPU s | failed runs | dispatch ÷ tool, speed (median of per-run ratios) |"
+  md "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+  for tool in dispatch scp scp-O; do
+    local label=$tool ratio=''
+    # shellcheck disable=SC2016 # backquotes are Markdown
+    case $tool in
+      dispatch) label='`dispatch` (ssh2/libssh2, scp protocol)'; ratio=1 ;;
+      scp) label='OpenSSH `scp` (SFTP protocol)'; ratio=$ratio_scp ;;
+      scp-O) label='OpenSSH `scp -O` (legacy scp protocol)'; ratio=$ratio_o ;;
+    esac
+    md "| $label | $(fmt "$(med tp "$tool" mbs)" 0) | $(vals tp "$tool" mbs 0) | $(fmt "$(med tp "$tool" secs)") | $(fmt "$(med tp "$tool" ccpu)") | $(fmt "$(med tp "$tool" scpu)") | $(count tp "$tool" fail) | $(fmt "$ratio")× |"
+  done
+  md ""
+  md "| target | measured | met |"
+  md "| --- | ---: | --- |"
+  md "| dispatch ≥ 1.0× OpenSSH \`scp\` (same run) | $(fmt "$ratio_scp")× | $(yesno "$ratio_scp" '>=' 1.0) |"
+  md "| dispatch ≥ 1.0× OpenSSH \`scp -O\` (same run) | $(fmt "$ratio_o")× | $(yesno "$ratio_o" '>=' 1.0) |"
+  md "| dispatch peak RSS ≤ 32 MB (\`/usr/bin/time -v\`, median; runs: $(vals tp dispatch rss 1)) | $(fmt "$rss" 1) MB | $(yesno "$rss" '<=' 32) |"
+}
+
+# ================================================================= 2. many packages
+write_many_helpers() {
+  # legacy: one background job per file; per host a new ssh mkdir, scp, ssh install
+  cat >"$W/bin/legacy_one.sh" <<EOF
+#!/bin/bash
+f=\$1 stamp=\$2 name=\${1##*/}
+for h in ${HOSTS[*]}; do
+  d=$RHOME/many/\$h/\$stamp
+  ssh $SSH_OPTS_Q "\$h" "mkdir -p \$d" &&
+    scp -q $SSH_OPTS_Q "\$f" "\$h:\$d/" &&
+    ssh $SSH_OPTS_Q "\$h" "cd \$d && sha256sum \$name > \$name.installed" || echo "\$name \$h failed" >&2
+done
+EOF
+  # multiplexed: every step through the host's ControlMaster; xargs -P8 runs 8 of these at once
+  cat >"$W/bin/mux_one.sh" <<EOF
+#!/bin/bash
+stamp=\$1 f=\$2 h=\$3 name=\${2##*/}
+d=$RHOME/many/\$h/\$stamp
+o=(-o ControlPath=$W/cm-%h)
+ssh "\${o[@]}" $SSH_OPTS_Q "\$h" "mkdir -p \$d" &&
+  scp -q "\${o[@]}" $SSH_OPTS_Q "\$f" "\$h:\$d/" &&
+  ssh "\${o[@]}" $SSH_OPTS_Q "\$h" "cd \$d && sha256sum \$name > \$name.installed" || echo "\$name \$h failed" >&2
+EOF
+  chmod +x "$W/bin/"*.sh
+}
+
+run_legacy() { # stamp files... ; one background job per file, all at once; bounded by LEGACY_TIMEOUT
+  local stamp=$1 f p; shift
+  local jobs=()
+  for f in "$@"; do
+    "$W/bin/legacy_one.sh" "$f" "$stamp" &
+    jobs+=($!)
+  done
+  local deadline=$((SECONDS + LEGACY_TIMEOUT))
+  for p in "${jobs[@]}"; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $deadline ]; do nap 0.05; done
+    if kill -0 "$p" 2>/dev/null; then
+      log "many/legacy: job $p still running after ${LEGACY_TIMEOUT}s; stopping it"
+      pkill -P "$p" 2>/dev/null || true
+      stop_pid "$p"
+    fi
+    wait "$p" 2>/dev/null || true
+  done
+}
+
+run_mux() { # stamp files...
+  local stamp=$1 h f i; shift
+  local masters=()
+  for h in "${HOSTS[@]}"; do
+    ssh -M -N -o ControlPersist=no -o "ControlPath=$W/cm-%h" "${SSH_OPTS[@]}" "$h" &
+    masters+=($!)
+  done
+  PIDS+=("${masters[@]}")
+  for h in "${HOSTS[@]}"; do
+    for i in $(seq 400); do ssh -O check -o "ControlPath=$W/cm-%h" "${SSH_OPTS[@]}" "$h" 2>/dev/null && break; nap 0.025; done
+  done
+  for f in "$@"; do for h in "${HOSTS[@]}"; do printf '%s\n%s\n' "$f" "$h"; done; done |
+    xargs -d '\n' -n 2 -P 8 "$W/bin/mux_one.sh" "$stamp" ||
+    true
+  for h in "${HOSTS[@]}"; do ssh -O exit -o "ControlPath=$W/cm-%h" "${SSH_OPTS[@]}" "$h" 2>/dev/null || true; done
+  for i in "${masters[@]}"; do stop_pid "$i"; wait "$i" 2>/dev/null || true; done
+}
+
+run_perhost() { # stamp files... ; per host: one mkdir, one scp of all files, one ssh running all installs
+  local stamp=$1 h; shift
+  local names=() f jobs=()
+  for f in "$@"; do names+=("${f##*/}"); done
+  for h in "${HOSTS[@]}"; do
+    # shellcheck disable=SC2029 # expanded here on purpose
+    (
+      d=$RHOME/many/$h/$stamp
+      ssh "${SSH_OPTS[@]}" "$h" "mkdir -p $d" &&
+        scp -q "${SSH_OPTS[@]}" "$@" "$h:$d/" &&
+        ssh "${SSH_OPTS[@]}" "$h" "cd $d && for n in ${names[*]}; do sha256sum \$n > \$n.installed; done"
+    ) &
+    jobs+=($!)
+  done
+  for f in "${jobs[@]}"; do wait "$f" || true; done
+}
+
+verify_installed() { # base expected.sha256 -> number of (host, file) whose .installed matches the local sha256
+  find "$1" -type f -name '*.installed' >"$W/installed.list"
+  awk -v expf="$2" '
+    BEGIN { while ((getline l < expf) > 0) { split(l, a, " "); want[a[2]] = a[1] } }
+    {
+      p = $0; n = split(p, parts, "/"); name = parts[n]; sub(/\.installed$/, "", name)
+      host = parts[n - 2]
+      if ((getline l < p) > 0) { split(l, a, " "); if (a[1] == want[name] && a[2] == name && !seen[host, name]++) ok++ }
+      close(p)
+    }
+    END { print ok + 0 }' "$W/installed.list"
+}
+
+wl_many() {
+  local dir=$W/data/many n_expected=$((NFILES * ${#HOSTS[@]}))
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  log "many: making $NFILES files of $FILE_KB KiB"
+  head -c $((NFILES * FILE_KB * 1024)) /dev/urandom | split -b "${FILE_KB}k" -a 4 -d --additional-suffix=.tgz - "$dir/pkg-"
+  local files=("$dir"/pkg-*.tgz)
+  (cd "$dir" && sha256sum pkg-*.tgz) >"$W/data/many.sha256"
+  write_many_helpers
+  local hosts_csv; hosts_csv=$(printf '%s, ' "${HOSTS[@]}"); hosts_csv=${hosts_csv%, }
+  dispatch_config "$W/many.ini" 'pkg-' "$hosts_csv" "$RHOME/many/{host}/%Y%m%d_%H%M%S" 'sha256sum {name} > {name}.installed'
+  install -d -o "$BUSER" "$RHOME/many"
+  local load0; load0=$(loadavg)
+  local r tool
+  for ((r = 1; r <= RUNS; r++)); do
+    local tools=(dispatch perhost mux)
+    [ "$r" -le "$LEGACY_RUNS" ] && tools+=(legacy)
+    for tool in $(rotate $((r - 1)) "${tools[@]}"); do
+      find "$RHOME/many" -mindepth 1 -delete
+      rm -rf "$W/state/many"
+      sync
+      local c0 t0 t1 rc=0 out=$W/many.$tool.$r stamp
+      c0=$(sshd_cpu)
+      ctimes a
+      t0=$EPOCHREALTIME
+      printf -v stamp '%(%Y%m%d_%H%M%S)T' -1
+      case $tool in
+        dispatch) /usr/bin/time -v -o "$out.time" "$DISPATCH_BIN" -c "$W/many.ini" --json "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+        perhost) run_perhost "$stamp" "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+        mux) run_mux "$stamp" "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+        legacy) run_legacy "$stamp" "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+      esac
+      t1=$EPOCHREALTIME
+      ctimes b
+      local secs c1 ok
+      secs=$(calc "$t1 - $t0")
+      c1=$(sshd_cpu)
+      ok=$(verify_installed "$RHOME/many" "$W/data/many.sha256")
+      rec many "$tool" secs "$secs"
+      rec many "$tool" verified "$ok"
+      rec many "$tool" scpu "$(calc "$c1 - $c0")"
+      rec many "$tool" ccpu "$(cdelta a b)"
+      [ -f "$out.time" ] && rec many "$tool" rss "$(tv_rss_mb "$out.time")"
+      local extra=
+      if [ "$tool" = dispatch ]; then
+        local okl; okl=$(grep -c '"ok":true' "$out.out" || true)
+        rec many dispatch results "$(wc -l <"$out.out" | tr -d ' ')"
+        rec many dispatch okresults "$okl"
+        extra=" ($okl/$n_expected results ok, exit $rc)"
+      fi
+      echo "$secs $ok" >"$W/many.cur.$tool"
+      log "many run $r: $tool $(fmt "$secs") s, $ok/$n_expected installs verified$extra"
+    done
+    local d_secs d_ok
+    read -r d_secs d_ok <"$W/many.cur.dispatch"
+    if [ "$d_ok" = "$n_expected" ]; then
+      rec many dispatch counted 1
+      for tool in perhost mux legacy; do
+        local p_secs
+        [ -f "$W/many.cur.$tool" ] || continue
+        read -r p_secs _ <"$W/many.cur.$tool"
+        rec many "$tool" ratio "$(calc "$d_secs / $p_secs")"
+      done
+    else
+      rec many dispatch notcounted 1
+    fi
+    rm -f "$W"/many.cur.*
+  done
+  find "$RHOME/many" -mindepth 1 -delete
+  local dsecs rperhost
+  dsecs=$(med many dispatch secs)
+  rperhost=$(med many perhost ratio)
+  md ""
+  md "## 2. Many packages: $NFILES files × $FILE_KB KiB to ${#HOSTS[@]} hosts, each uploaded into a dated directory and installed"
+  md ""
+  md "Install command everywhere: \`sha256sum NAME > NAME.installed\`. *verified* = (host, file) pairs whose \`.installed\` holds the local sha256 of the file (of $n_expected). A dispatch run counts only if all $n_expected are verified; ratios are taken from those runs (time, dispatch ÷ tool: < 1 means dispatch is faster). Load average at start: $load0, at end: $(loadavg)."
+  md ""
+  md "| tool | wall s (median) | wall s per run | verified (per run) | result per package × host | client CPU s | server CPU s | dispatch ÷ tool, time |"
+  md "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |"
+  md "| \`dispatch\` (jobs 8, 2 sessions per host) | $(fmt "$dsecs") | $(vals many dispatch secs) | $(vals many dispatch verified 0) | yes ($(vals many dispatch okresults 0) ok lines) | $(fmt "$(med many dispatch ccpu)") | $(fmt "$(med many dispatch scpu)") | 1.00× |"
+  md "| (a) legacy: per file a background job, per host new \`ssh mkdir\` + \`scp\` + \`ssh install\`, all $NFILES at once | $(fmt "$(med many legacy secs)") | $(vals many legacy secs) | $(vals many legacy verified 0) | yes (but many fail) | $(fmt "$(med many legacy ccpu)") | $(fmt "$(med many legacy scpu)") | $(fmt "$(med many legacy ratio)")× |"
+  md "| (b) OpenSSH ControlMaster per host, \`xargs -P8\`: mkdir + scp + install per file × host | $(fmt "$(med many mux secs)") | $(vals many mux secs) | $(vals many mux verified 0) | yes | $(fmt "$(med many mux ccpu)") | $(fmt "$(med many mux scpu)") | $(fmt "$(med many mux ratio)")× |"
+  md "| (c) per host: one \`scp\` of all files + one \`ssh\` running all installs (hosts in parallel) | $(fmt "$(med many perhost secs)") | $(vals many perhost secs) | $(vals many perhost verified 0) | no | $(fmt "$(med many perhost ccpu)") | $(fmt "$(med many perhost scpu)") | $(fmt "$rperhost")× |"
+  md ""
+  md "Legacy failed installs per run: $(awk -v n="$n_expected" '{ printf "%s%d", (NR > 1 ? ", " : ""), n - $1 }' "$W/res/many.legacy.verified" 2>/dev/null || echo -) of $n_expected. dispatch runs not counted (fewer than $n_expected verified): $(count many dispatch notcounted)."
+  md ""
+  md "| target | measured | met |"
+  md "| --- | ---: | --- |"
+  md "| dispatch ≤ (c) one scp + one ssh per host (same run) | $(fmt "$rperhost")× | $(yesno "$rperhost" '<=' 1.0) |"
+  md "| dispatch ≤ 3 s | $(fmt "$dsecs") s | $(yesno "$dsecs" '<=' 3) |"
+  md "| $n_expected/$n_expected verified, a result per package × host, every run | $(vals many dispatch verified 0) | $([ "$(count many dispatch notcounted)" = 0 ] && echo yes || echo no) |"
+}
+
+# ================================================================= 3. drop dir
+DROP=$W/drop
+STAGE=$W/stage
+LATDIR=$RHOME/lat
+
+start_dispatch_watch() { # config log -> pid in WATCH_PID; 1 if it did not become ready
+  "$DISPATCH_BIN" -c "$1" -v watch >"$2" 2>&1 &
+  WATCH_PID=$!
+  PIDS+=("$WATCH_PID")
+  local i
+  # ready = it logged "watching …" (info); the start-up scan is only logged at debug, which also
+  # logs every file, so give the scan of a (small) dir half a second
+  for i in $(seq 600); do
+    if grep -q 'watching' "$2" 2>/dev/null; then nap 0.5; return 0; fi
+    kill -0 $WATCH_PID 2>/dev/null || return 1
+    nap 0.05
+  done
+  return 1
+}
+
+start_inotify_peer() { # the loop an operator writes today: inotifywait + scp + ssh per event
+  local h=${HOSTS[0]}
+  cat >"$W/bin/inotify_peer.sh" <<EOF
+#!/bin/bash
+rm -f "$W/inotify.fifo"; mkfifo "$W/inotify.fifo"
+inotifywait -m -e close_write,moved_to --format '%f' "$DROP" >"$W/inotify.fifo" 2>"$W/inotify.err" &
+echo \$! >"$W/inotify.pid"
+while IFS= read -r f; do
+  scp -q $SSH_OPTS_Q "$DROP/\$f" "$h:$LATDIR/" &&
+    ssh $SSH_OPTS_Q "$h" "cd $LATDIR && sha256sum \$f >> \$f.installed"
+done <"$W/inotify.fifo"
+EOF
+  chmod +x "$W/bin/inotify_peer.sh"
+  rm -f "$W/inotify.pid" "$W/inotify.err"
+  "$W/bin/inotify_peer.sh" >"$W/inotify.log" 2>&1 &
+  PEER_PID=$!
+  PIDS+=("$PEER_PID")
+  local i
+  for i in $(seq 200); do
+    [ -s "$W/inotify.pid" ] && grep -q 'Watches established' "$W/inotify.err" 2>/dev/null && break
+    nap 0.05
+  done
+  PEER_SUB=$(cat "$W/inotify.pid" 2>/dev/null || true)
+  [ -n "$PEER_SUB" ] && PIDS+=("$PEER_SUB")
+  grep -q 'Watches established' "$W/inotify.err" 2>/dev/null
+}
+
+start_lsyncd_peer() { # delay
+  local h=${HOSTS[0]} d=$1
+  local cmd="scp -q $SSH_OPTS_Q \"\$1\" $h:$LATDIR/ && ssh $SSH_OPTS_Q $h \"cd $LATDIR && sha256sum \$2 >> \$2.installed\""
+  cat >"$W/lsyncd.$d.lua" <<EOF
+settings { nodaemon = true, logfile = "$W/lsyncd.$d.log", statusFile = "$W/lsyncd.$d.status", inotifyMode = "CloseWrite" }
+local bench = {
+  delay = $d,
+  maxProcesses = 1,
+  action = function(inlet)
+    local ev = inlet.getEvent()
+    if ev.isdir or ev.etype == "Delete" then inlet.discardEvent(ev); return end
+    spawnShell(ev, [[$cmd]], ev.sourcePath, ev.name)
+  end,
+}
+sync { bench, source = "$DROP/" }
+EOF
+  lsyncd "$W/lsyncd.$d.lua" >"$W/lsyncd.$d.out" 2>&1 &
+  PEER_PID=$!
+  PEER_SUB=''
+  PIDS+=("$PEER_PID")
+  local i
+  for i in $(seq 100); do
+    grep -q 'Startup' "$W/lsyncd.$d.log" 2>/dev/null && { nap 0.5; return 0; }
+    kill -0 $PEER_PID 2>/dev/null || return 1
+    nap 0.05
+  done
+  return 1
+}
+
+stop_peer() {
+  [ -n "${PEER_SUB:-}" ] && stop_pid "$PEER_SUB"
+  [ -n "${PEER_PID:-}" ] && { stop_pid "$PEER_PID"; wait "$PEER_PID" 2>/dev/null || true; }
+  PEER_PID='' PEER_SUB=''
+}
+
+latency_sample() { # tool run -> records dd latency; the watcher must be running
+  local tool=$1 r=$2 name=lat-$1-$2.bin
+  head -c 1048576 /dev/urandom >"$STAGE/$name"
+  local want; want=$(sha256sum <"$STAGE/$name" | cut -d' ' -f1)
+  local marker=$LATDIR/$name.installed t0 t1 limit
+  t0=$EPOCHREALTIME
+  mv "$STAGE/$name" "$DROP/$name"
+  limit=$((SECONDS + 60))
+  while [ ! -s "$marker" ] && [ $SECONDS -lt $limit ]; do nap 0.005; done
+  t1=$EPOCHREALTIME
+  local got=none
+  [ -s "$marker" ] && read -r got _ <"$marker"
+  if [ "$got" = "$want" ]; then
+    rec dd "$tool" lat "$(calc "$t1 - $t0")"
+    log "dropdir run $r: $tool renamed-in 1 MiB installed after $(fmt "$(calc "$t1 - $t0")" 3) s"
+  else
+    rec dd "$tool" latfail 1
+    log "dropdir run $r: $tool: no correct marker within 60 s"
+  fi
+}
+
+slow_sample() { # tool run mode(1fd|reopen): 10 MiB written in place in 10 chunks over ~3 s
+  local tool=$1 r=$2 mode=$3 name=slow-$3-$1-$2.bin
+  head -c $((10 * 1048576)) /dev/urandom >"$STAGE/$name.src"
+  local want; want=$(sha256sum <"$STAGE/$name.src" | cut -d' ' -f1)
+  local marker=$LATDIR/$name.installed i
+  if [ "$mode" = 1fd ]; then
+    exec {wfd}>"$DROP/$name"
+    for i in $(seq 0 9); do dd if="$STAGE/$name.src" bs=1M skip="$i" count=1 status=none >&"$wfd"; nap 0.33; done
+    exec {wfd}>&-
+  else
+    for i in $(seq 0 9); do dd if="$STAGE/$name.src" bs=1M skip="$i" count=1 status=none >>"$DROP/$name"; nap 0.33; done
+  fi
+  local t0=$EPOCHREALTIME limit=$((SECONDS + 90)) lines=()
+  while [ $SECONDS -lt $limit ]; do
+    if [ -s "$marker" ]; then
+      mapfile -t lines <"$marker"
+      [[ " ${lines[*]} " == *" $want "* ]] && break
+    fi
+    nap 0.01
+  done
+  local t1=$EPOCHREALTIME
+  nap 2 # stragglers
+  local total=0 partial=0 final=0
+  if [ -f "$marker" ]; then
+    total=$(wc -l <"$marker" | tr -d ' ')
+    final=$(grep -c "^$want " "$marker" || true)
+    partial=$((total - final))
+  fi
+  rec dd "$tool" "partial_$mode" "$partial"
+  rec dd "$tool" "installs_$mode" "$total"
+  if [ "$final" -gt 0 ]; then
+    rec dd "$tool" "after_$mode" "$(calc "$t1 - $t0")"
+  else
+    rec dd "$tool" "finalfail_$mode" 1
+  fi
+  log "dropdir run $r: $tool slow writer ($mode): $total install(s), $partial of other content, final installed $(fmt "$(calc "$t1 - $t0")") s after close"
+  rm -f "$STAGE/$name.src"
+}
+
+wl_dropdir() {
+  mkdir -p "$DROP" "$STAGE"
+  install -d -o "$BUSER" "$LATDIR"
+  local tools=(dispatch inotify) d
+  if command -v lsyncd >/dev/null; then
+    for d in $LSYNCD_DELAYS; do tools+=("lsyncd-d$d"); done
+  fi
+  command -v inotifywait >/dev/null || die "inotifywait missing (apt-get install inotify-tools)"
+  local h=${HOSTS[0]} load0 tool r notes=()
+  load0=$(loadavg)
+  dispatch_config "$W/dd.ini" '(lat|slow)-' "$h" "$LATDIR" 'sha256sum {name} >> {name}.installed' "watch = $DROP"
+  for tool in "${tools[@]}"; do
+    local ready=0
+    case $tool in
+      dispatch) start_dispatch_watch "$W/dd.ini" "$W/dd.daemon.log" && ready=1 ;;
+      inotify) start_inotify_peer && ready=1 ;;
+      lsyncd-d*) start_lsyncd_peer "${tool#lsyncd-d}" && ready=1 ;;
+    esac
+    if [ $ready = 0 ]; then
+      log "dropdir: $tool did not start; not measured"
+      notes+=("$tool did not become ready")
+      rec dd "$tool" notready 1
+      if [ "$tool" = dispatch ]; then stop_pid "$WATCH_PID"; else stop_peer; fi
+      continue
+    fi
+    log "dropdir: $tool watching $DROP"
+    for ((r = 1; r <= RUNS; r++)); do
+      latency_sample "$tool" "$r"
+      slow_sample "$tool" "$r" 1fd
+      slow_sample "$tool" "$r" reopen
+    done
+    if [ "$tool" = dispatch ]; then
+      stop_pid "$WATCH_PID"
+      wait "$WATCH_PID" 2>/dev/null || true
+    else
+      stop_peer
+    fi
+    find "$DROP" -mindepth 1 -delete
+  done
+  local lat; lat=$(med dd dispatch lat)
+  md ""
+  md "## 3. Drop directory: latency and half-written files (one host)"
+  md ""
+  md "*latency*: a 1 MiB file renamed into the drop dir → its \`.installed\` marker (correct sha256) appears on the target; polled every 5 ms. *slow writer*: 10 MiB written in place in 10 chunks over ~3.3 s, either through one open file (\`1fd\`: one close at the end) or re-opened per chunk (\`reopen\`: \`>>\` per chunk, a close each time). Every install appends the sha256 of what it found to the marker, so *partial* = installs of content other than the final file. *after close* = from the writer's last close until the final content is installed. dispatch runs with its defaults (\`settle\` 2 s). The inotify peer is \`inotifywait -m -e close_write,moved_to\` feeding \`scp\` + \`ssh\` per event; lsyncd ($(lsyncd --version 2>/dev/null | head -1 || echo 'not installed')) runs a custom action doing the same \`scp\` + \`ssh\`, \`maxProcesses = 1\`, at the given \`delay\`. Load average at start: $load0, at end: $(loadavg)."
+  md ""
+  md "| tool | latency s (median) | latency per run | slow 1fd: partial / installs (all runs) | slow 1fd: after close s (median) | slow reopen: partial / installs | slow reopen: after close s (median) |"
+  md "| --- | ---: | --- | --- | ---: | --- | ---: |"
+  for tool in "${tools[@]}"; do
+    if [ "$(count dd "$tool" notready)" != 0 ]; then
+      md "| $tool | not measured (did not start) | | | | | |"
+      continue
+    fi
+    local fails; fails=$(count dd "$tool" latfail)
+    md "| $tool | $(fmt "$(med dd "$tool" lat)" 3) | $(vals dd "$tool" lat 3)$([ "$fails" != 0 ] && echo " ($fails failed)") | $(sum dd "$tool" partial_1fd) / $(sum dd "$tool" installs_1fd) | $(fmt "$(med dd "$tool" after_1fd)") | $(sum dd "$tool" partial_reopen) / $(sum dd "$tool" installs_reopen) | $(fmt "$(med dd "$tool" after_reopen)") |"
+  done
+  command -v lsyncd >/dev/null || md "" "lsyncd: not measured (not installed; \`apt-get install lsyncd\`)."
+  [ ${#notes[@]} -gt 0 ] && md "" "Not measured: ${notes[*]}."
+  local partials; partials=$(($(sum dd dispatch partial_1fd) + $(sum dd dispatch partial_reopen)))
+  local dready=1; [ "$(count dd dispatch notready)" != 0 ] && dready=0
+  md ""
+  md "| target | measured | met |"
+  md "| --- | ---: | --- |"
+  if [ $dready = 1 ]; then
+    md "| renamed in → installed ≤ 0.35 s | $(fmt "$lat" 3) s | $(yesno "$lat" '<=' 0.35) |"
+    md "| 0 half-written uploads from a slow in-place writer | $partials | $([ "$partials" = 0 ] && [ "$(count dd dispatch finalfail_1fd)$(count dd dispatch finalfail_reopen)" = 00 ] && echo yes || echo no) |"
+  else
+    md "| renamed in → installed ≤ 0.35 s | not measured (\`dispatch watch\` not ready) | n/a |"
+    md "| 0 half-written uploads | not measured | n/a |"
+  fi
+}
+
+# ================================================================= 4. scale
+journal_count() { # state_dir -> deliveries recorded as done, or - without sqlite3
+  command -v sqlite3 >/dev/null || { echo -; return; }
+  sqlite3 -readonly "$1/journal.sqlite" "select count(*) from delivery where state in ('installed','uploaded')" 2>/dev/null || echo -
+}
+
+wl_scale() {
+  local drop=$W/scale-drop h=${HOSTS[0]} rdir=$RHOME/scale/${HOSTS[0]}
+  rm -rf "$drop"
+  mkdir -p "$drop"
+  install -d -o "$BUSER" "$RHOME/scale" "$rdir"
+  log "scale: creating $SCALE_FILES files"
+  local i
+  local nm
+  for ((i = 0; i < SCALE_FILES; i++)); do
+    printf -v nm 's-%07d' $i
+    printf '%s\n' "$nm" >"$drop/$nm" # unique content: no two files look like one package
+  done
+  touch -d '-1 min' "$drop"/ 2>/dev/null || true
+  find "$drop" -type f -exec touch -d '-1 min' {} +
+  # a trivial install; 8 sessions to the one host so the warm-up does not take all day
+  dispatch_config "$W/scale.ini" 's-' "$h" "$RHOME/scale/{host}" 'true' "$(printf 'watch = %s\nsettle = 2s' "$drop")"
+  sed -i 's/^max_sessions_per_host = 2$/max_sessions_per_host = 8/' "$W/scale.ini"
+  local load0; load0=$(loadavg)
+  log "scale: warm-up (every file dispatched once, journal filled)"
+  local t0=$EPOCHREALTIME last=-1 stall=$SECONDS n=0
+  start_dispatch_watch "$W/scale.ini" "$W/scale.warm.log" || {
+    md "" "## 4. Scale: drop dir of $SCALE_FILES files" "" "Not measured: \`dispatch watch\` did not start (log: $(tail -3 "$W/scale.warm.log" | tr '\n' ' '))."
+    stop_pid "$WATCH_PID"
+    return 0
+  }
+  while :; do
+    n=$(journal_count "$W/state/scale")
+    [ "$n" = - ] && n=$(find "$rdir" -maxdepth 1 -type f ! -name '.*' | wc -l)
+    [ "$n" -ge "$SCALE_FILES" ] && break
+    [ "$n" != "$last" ] && { last=$n; stall=$SECONDS; }
+    kill -0 "$WATCH_PID" 2>/dev/null || break
+    [ $((SECONDS - stall)) -gt 180 ] && { log "scale: warm-up made no progress for 180 s (at $n)"; break; }
+    nap 2
+  done
+  local warm_s; warm_s=$(calc "$EPOCHREALTIME - $t0")
+  stop_pid "$WATCH_PID"
+  wait "$WATCH_PID" 2>/dev/null || true
+  n=$(journal_count "$W/state/scale")
+  log "scale: warm-up done in $(fmt "$warm_s" 0) s, journal shows $n done"
+  md ""
+  md "## 4. Scale: a drop dir holding $SCALE_FILES files, journal warm"
+  md ""
+  if [ "$n" = - ] || [ "$n" -lt "$SCALE_FILES" ]; then
+    md "Not measured: the warm-up did not record every file ($n of $SCALE_FILES in the journal after $(fmt "$warm_s" 0) s; log tail: $(tail -2 "$W/scale.warm.log" | tr '\n' ' ' | cut -c1-300))."
+    return 0
+  fi
+  local r
+  for ((r = 1; r <= RUNS; r++)); do
+    touch "$W/scale.mark"
+    nap 1.1
+    local log=$W/scale.run$r.log st c idle_at='' n_s=0 j k now
+    local -a ts=() cs=()
+    st=${EPOCHREALTIME/./} # microseconds
+    "$DISPATCH_BIN" -c "$W/scale.ini" -v watch >"$log" 2>&1 &
+    WATCH_PID=$!
+    PIDS+=("$WATCH_PID")
+    # idle = CPU time (utime+stime) grows by less than 2 ticks within 1 s; the catch-up ends where
+    # that quiet second starts
+    while :; do
+      proc_stat "$WATCH_PID" || break
+      c=$((PSTAT[11] + PSTAT[12]))
+      now=${EPOCHREALTIME/./}
+      ts+=("$now")
+      cs+=("$c")
+      n_s=$((n_s + 1))
+      k=-1
+      for ((j = n_s - 1; j >= 0; j--)); do
+        if ((now - ts[j] >= 1000000)); then k=$j; break; fi
+      done
+      if ((k >= 0 && c - cs[k] < 2)); then
+        # the work ended at the last sample (up to the quiet second's start) where CPU time grew
+        idle_at=${ts[0]}
+        for ((j = k; j >= 1; j--)); do
+          if ((cs[j] != cs[j - 1])); then idle_at=${ts[$j]}; break; fi
+        done
+        break
+      fi
+      ((now - st > 120000000)) && break
+      nap 0.05
+    done
+    if [ -z "$idle_at" ]; then
+      log "scale run $r: not idle within 120 s"
+      rec scale dispatch notidle 1
+    else
+      local catch; catch=$(calc "($idle_at - $st) / 1000000")
+      local c1 c2 idle_ms
+      c1=$(proc_cpu_ticks "$WATCH_PID")
+      nap 10
+      c2=$(proc_cpu_ticks "$WATCH_PID")
+      idle_ms=$(calc "($c2 - $c1) * 1000 / $TICK")
+      local hwm rss
+      hwm=$(awk '/^VmHWM/ { print $2 / 1024 }' "/proc/$WATCH_PID/status")
+      rss=$(awk '/^VmRSS/ { print $2 / 1024 }' "/proc/$WATCH_PID/status")
+      local again; again=$(find "$rdir" -newer "$W/scale.mark" -type f | wc -l)
+      rec scale dispatch catchup "$catch"
+      rec scale dispatch idle_ms "$idle_ms"
+      rec scale dispatch hwm "$hwm"
+      rec scale dispatch rss "$rss"
+      rec scale dispatch again "$again"
+      log "scale run $r: idle $(fmt "$catch") s after start, then $(fmt "$idle_ms" 0) ms CPU in 10 s, VmHWM $(fmt "$hwm" 1) MB, re-sent $again"
+    fi
+    stop_pid "$WATCH_PID"
+    wait "$WATCH_PID" 2>/dev/null || true
+  done
+  local catch idle hwm
+  catch=$(med scale dispatch catchup)
+  idle=$(med scale dispatch idle_ms)
+  hwm=$(med scale dispatch hwm)
+  md "Warm-up (not part of the targets): \`dispatch watch\` sent all $SCALE_FILES files (install \`true\`, 8 sessions to one host) in $(fmt "$warm_s" 0) s = $(fmt "$(calc "$SCALE_FILES / $warm_s")" 0) files/s. Then the daemon is restarted $RUNS times on the unchanged dir. *catch-up* = from start to the last 50 ms sample at which its CPU time (utime+stime, /proc/PID/stat) still grew, before a second in which it grew by less than 2 ticks (20 ms); *idle CPU* = CPU time used in the following 10 s; RSS from /proc/PID/status. *re-sent* = remote files modified during the restart (must be 0). Load average at start: $load0, at end: $(loadavg)."
+  md ""
+  md "| metric | median | per run | target | met |"
+  md "| --- | ---: | --- | --- | --- |"
+  md "| catch-up until idle, s | $(fmt "$catch") | $(vals scale dispatch catchup) | ≤ 2 s | $(yesno "$catch" '<=' 2) |"
+  md "| idle CPU, ms per 10 s | $(fmt "$idle" 0) | $(vals scale dispatch idle_ms 0) | ≈ 0 (≤ 100 ms = 1 %) | $(yesno "$idle" '<=' 100) |"
+  md "| peak RSS (VmHWM), MB | $(fmt "$hwm" 1) | $(vals scale dispatch hwm 1) | ≤ 64 MB | $(yesno "$hwm" '<=' 64) |"
+  md "| RSS when idle (VmRSS), MB | $(fmt "$(med scale dispatch rss)" 1) | $(vals scale dispatch rss 1) | | |"
+  md "| files re-sent on restart | $(sum scale dispatch again) | $(vals scale dispatch again 0) | 0 | $([ "$(sum scale dispatch again)" = 0 ] && echo yes || echo no) |"
+  [ "$(count scale dispatch notidle)" != 0 ] && md "" "Runs that did not become idle within 120 s: $(count scale dispatch notidle)."
+  find "$drop" -mindepth 1 -delete
+}
+
+# ================================================================= main
+setup_hosts
+START_LOAD=$(loadavg)
+START_DATE=$(date '+%Y-%m-%d %H:%M %Z')
+for w in "${WORKLOADS[@]}"; do
+  log "=== $w"
+  "wl_$w"
+done
+
+mkdir -p "$RESULTS_DIR"
+OUT=$RESULTS_DIR/$(date +%Y-%m-%d_%H%M).md
+{
+  echo "# dispatch benchmark, $START_DATE"
+  echo
+  echo "Command: \`RUNS=$RUNS SIZE_MB=$SIZE_MB NFILES=$NFILES FILE_KB=$FILE_KB SCALE_FILES=$SCALE_FILES bench/run.sh ${WORKLOADS[*]}\`"
+  echo
+  echo "| | |"
+  echo "| --- | --- |"
+  echo "| machine | $(nproc) CPUs, $(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo), kernel $(uname -r) |"
+  echo "| OpenSSH | $(ssh -V 2>&1) |"
+  echo "| dispatch | $("$DISPATCH_BIN" --version 2>/dev/null), binary sha256 $DISPATCH_SHA…, $DISPATCH_DESC |"
+  echo "| hosts | ${#HOSTS[*]} sshd on ${HOSTS[*]}:$PORT, sshd defaults except keys/paths (MaxStartups 10:30:100, MaxSessions 10, UsePAM no) |"
+  echo "| load average | start $START_LOAD, end $(loadavg) (other work was running on the machine) |"
+  echo "| runs | $RUNS per workload, tools in rotating order; medians; ratios = median of per-run ratios |"
+  cat "$W/report.md"
+} >"$OUT"
+cat "$OUT"
+log "results written to $OUT"
