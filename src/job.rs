@@ -595,10 +595,14 @@ impl Lane {
                                 shell_quote(dir),
                                 wrap_install(cmd, route.install_timeout)
                             );
-                            let limit = route.install_timeout + Duration::from_secs(15);
-                            let out = ssh.run_script(&script, limit, None).map_err(|e| {
-                                TransferError::new(ErrorKind::Remote, format!("after upload: {e}"))
-                            })?;
+                            let out = ssh
+                                .run_script(&script, route.install_timeout, None)
+                                .map_err(|e| {
+                                    TransferError::new(
+                                        ErrorKind::Remote,
+                                        format!("after upload: {e}"),
+                                    )
+                                })?;
                             Some(InstallResult {
                                 status: out.status,
                                 signal: out.signal,
@@ -626,7 +630,7 @@ impl Lane {
         let script = finalize_script(route, dir, &item.name, bytes, sha.as_deref(), install);
         let limit = route.io_timeout
             + if install.is_some() {
-                route.install_timeout + Duration::from_secs(15)
+                route.install_timeout
             } else {
                 Duration::ZERO
             };
@@ -789,13 +793,17 @@ pub fn temp_name(name: &str) -> String {
     format!(".{clean}.part")
 }
 
-/// The install command, bounded by `install_timeout` on the host as well
-/// (coreutils `timeout`; exit 124 when it fires).
+/// The install command under `sh -c`, bounded by `install_timeout` on the
+/// host as well (exit 124 when the deadline fires): by the session's bash
+/// script runner, which defines `__dispatch_bounded` (no extra process), else
+/// by coreutils `timeout`.
 fn wrap_install(cmd: &str, limit: Duration) -> String {
     let secs = limit.as_secs().max(1);
     let inner = shell_quote(cmd);
     format!(
-        "if command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; else exec sh -c {inner} </dev/null 2>&1; fi"
+        "if command -v __dispatch_bounded >/dev/null 2>&1; then __dispatch_bounded {secs} {inner} </dev/null 2>&1; \
+         elif command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; \
+         else exec sh -c {inner} </dev/null 2>&1; fi"
     )
 }
 
@@ -839,6 +847,102 @@ fn finalize_script(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feed `(deadline, script)` jobs to a script runner started by `sh -c
+    /// runner`, as the SSH session does, and split what it prints into
+    /// `(output, status)` per job.
+    fn run_runner(runner: &str, jobs: &[(u64, String)]) -> Vec<(String, i32)> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(runner)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut input = Vec::new();
+        for (secs, script) in jobs {
+            input.extend_from_slice(format!("{secs}\0{script}\0").as_bytes());
+        }
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut parts: Vec<&str> = text.split("\n@@dispatch:rc:").collect();
+        let mut res = Vec::new();
+        let mut output = parts.remove(0).to_string();
+        for p in parts {
+            let (rc, rest) = p.split_once('\n').unwrap();
+            res.push((output, rc.parse().unwrap()));
+            output = rest.to_string();
+        }
+        res
+    }
+
+    /// Both script runners: statuses, `exit`, stdin kept from the next job,
+    /// and the install deadline (124, and the install's process is gone).
+    fn check_runner(runner: &str) {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let slow = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+        let started = Instant::now();
+        let res = run_runner(
+            runner,
+            &[
+                (5, "echo hi; exit 3".into()),
+                (5, "cd /nonexistent/dir || exit 231; echo no".into()),
+                (5, wrap_install("echo inst; exit 5", Duration::from_secs(5))),
+                (1, wrap_install(&slow, Duration::from_secs(1))),
+                (
+                    5,
+                    wrap_install("cat; echo stdin-was-empty", Duration::from_secs(5)),
+                ),
+                (5, "echo after".into()),
+            ],
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(res.len(), 6, "{res:?}");
+        assert_eq!((res[0].0.trim(), res[0].1), ("hi", 3));
+        assert_eq!(res[1].1, 231);
+        assert!(!res[1].0.lines().any(|l| l == "no"), "{res:?}");
+        assert_eq!((res[2].0.trim(), res[2].1), ("inst", 5));
+        assert_eq!(res[3].1, 124, "{res:?}");
+        assert_eq!((res[4].0.trim(), res[4].1), ("stdin-was-empty", 0));
+        assert_eq!((res[5].0.trim(), res[5].1), ("after", 0));
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let proc_dir = format!("/proc/{}", pid.trim());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&proc_dir).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20)); // poll step
+        }
+        assert!(
+            !std::path::Path::new(&proc_dir).exists(),
+            "install outlived its deadline"
+        );
+    }
+
+    #[test]
+    fn bash_script_runner_bounds_installs_without_extra_processes() {
+        let runner = format!(
+            "exec bash --norc -c {} dispatch-driver",
+            shell_quote(crate::transport::ssh::BASH_DRIVER)
+        );
+        check_runner(&runner);
+    }
+
+    #[test]
+    fn xargs_script_runner_bounds_installs_with_timeout() {
+        let runner = format!(
+            "exec xargs -0 -n 2 sh -c {} dispatch-driver",
+            shell_quote(crate::transport::ssh::XARGS_DRIVER)
+        );
+        check_runner(&runner);
+    }
 
     #[test]
     fn temp_name_is_hidden_and_single_line() {

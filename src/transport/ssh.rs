@@ -175,7 +175,7 @@ pub struct SshSession {
     made_dirs: Vec<String>,
     /// A remote `scp -t DIR` receiving every file this session sends to DIR.
     sink: Option<(String, ssh2::Channel)>,
-    /// A remote shell loop running one script per file (see [`DRIVER`]).
+    /// A remote shell loop running one script per file (see [`driver_command`]).
     driver: Option<ssh2::Channel>,
     /// A connection-level failure happened: the session is not reused.
     broken: std::cell::Cell<bool>,
@@ -184,10 +184,52 @@ pub struct SshSession {
     sftp: Option<Result<ssh2::Sftp, ()>>,
 }
 
-/// Runs NUL-terminated scripts read from stdin, one at a time, each followed
-/// by a status line. One remote process per session instead of one login
-/// shell per file. GNU xargs gives each script /dev/null as stdin.
-const DRIVER: &str = "exec xargs -0 -n 1 sh -c '(eval \"$1\") 2>&1; printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"' dispatch-driver";
+/// The session's script runner: reads `SECONDS\0SCRIPT\0` pairs from stdin
+/// and runs each script, printing a status line after it. One remote process
+/// per session instead of one login shell per file.
+///
+/// With bash on the host ([`BASH_DRIVER`]), the runner itself enforces each
+/// script's deadline and the install command is started with one `exec sh -c`
+/// (no `timeout` process, no extra shell per file). Without bash, GNU xargs
+/// runs one `sh` per script ([`XARGS_DRIVER`]) and the script bounds its own
+/// install with coreutils `timeout`. Each is passed as a quoted argument so
+/// the login shell (even csh) only sees a plain `exec sh -c … ARG ARG`.
+fn driver_command() -> String {
+    format!(
+        "exec sh -c {} dispatch-sh {} {}",
+        crate::route::shell_quote(
+            "if command -v bash >/dev/null 2>&1; then exec bash --norc -c \"$1\" dispatch-driver; fi; \
+             exec xargs -0 -n 2 sh -c \"$2\" dispatch-driver"
+        ),
+        crate::route::shell_quote(BASH_DRIVER),
+        crate::route::shell_quote(XARGS_DRIVER),
+    )
+}
+
+/// The bash runner. `set -m` puts each script in its own process group; fd 3
+/// is a pipe to itself on which the script's wrapper reports its status (a
+/// `read -t` on it is a wait with a deadline, no `sleep` process). At the
+/// deadline the group gets TERM, 10 s later KILL, and the status is 124 like
+/// coreutils `timeout`. The wrapper traps TERM only so that it outlives the
+/// script and reports; the script itself gets the default TERM action.
+/// `__dispatch_bounded` is how scripts run the install command here (see
+/// `job::wrap_install`). No `!` and no `'`: safe in any login shell's quotes.
+pub const BASH_DRIVER: &str = "set -m; exec 3<> <(:); \
+__dispatch_bounded() { exec sh -c \"$2\"; }; \
+while IFS= read -r -d \"\" t && IFS= read -r -d \"\" s; do \
+( trap : TERM; (eval \"$s\"); echo \"$?\" >&3 ) </dev/null 2>&1 & p=$!; \
+read -r -t \"$t\" -u 3 rc || { kill -TERM -- \"-$p\" 2>/dev/null; \
+read -r -t 10 -u 3 rc || kill -KILL -- \"-$p\" 2>/dev/null; rc=124; }; \
+wait \"$p\" 2>/dev/null; printf \"\\n@@dispatch:rc:%s\\n\" \"$rc\"; done";
+
+/// The fallback runner (no bash): GNU xargs gives each script /dev/null as
+/// stdin; `$1` (the deadline) is enforced by the script's own `timeout`.
+pub const XARGS_DRIVER: &str = "(eval \"$2\") 2>&1; printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"";
+
+/// How much longer than a script's remote deadline the client waits: the
+/// runner's TERM-then-KILL takes up to 10 s.
+const DRIVER_GRACE: Duration = Duration::from_secs(15);
+
 /// Client-to-server cipher preference (see `vendor/libssh2-sys/PATCHES.md`).
 const UPLOAD_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
 chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
@@ -828,7 +870,9 @@ impl SshSession {
 
     /// Run a script through the session's driver (one remote process for all
     /// files); falls back to one exec if the driver cannot be started. If
-    /// `marker` is printed, only the output after it is kept.
+    /// `marker` is printed, only the output after it is kept. `limit` is the
+    /// script's deadline on the host; the client gives up [`DRIVER_GRACE`]
+    /// later.
     pub fn run_script(
         &mut self,
         script: &str,
@@ -838,7 +882,7 @@ impl SshSession {
         if self.driver.is_none() {
             let ch = self.sess.channel_session().and_then(|mut ch| {
                 ch.handle_extended_data(ExtendedData::Merge)?;
-                ch.exec(DRIVER)?;
+                ch.exec(&driver_command())?;
                 Ok(ch)
             });
             match ch {
@@ -848,7 +892,7 @@ impl SshSession {
                         "ssh {}: no script runner ({e}); one exec per file",
                         self.target.addr()
                     );
-                    self.watchdog.kick(limit);
+                    self.watchdog.kick(limit + DRIVER_GRACE);
                     let cmd = format!("sh -c {}", crate::route::shell_quote(script));
                     let r = self.exec_inner(&cmd, marker);
                     self.watchdog.disarm();
@@ -856,8 +900,8 @@ impl SshSession {
                 }
             }
         }
-        self.watchdog.kick(limit);
-        let r = self.driver_job(script, marker);
+        self.watchdog.kick(limit + DRIVER_GRACE);
+        let r = self.driver_job(script, limit, marker);
         self.watchdog.disarm();
         if r.is_err() {
             self.driver = None;
@@ -868,12 +912,16 @@ impl SshSession {
     fn driver_job(
         &mut self,
         script: &str,
+        limit: Duration,
         marker: Option<&str>,
     ) -> Result<ExecOutput, TransferError> {
         let Some(ch) = self.driver.as_mut() else {
             return Err(TransferError::new(ErrorKind::Connect, "no script runner"));
         };
-        let mut job = Vec::with_capacity(script.len() + 1);
+        let secs = limit.as_secs().max(1).to_string();
+        let mut job = Vec::with_capacity(secs.len() + script.len() + 2);
+        job.extend_from_slice(secs.as_bytes());
+        job.push(0);
         job.extend_from_slice(script.as_bytes());
         job.push(0);
         if let Err(e) = ch.write_all(&job).and_then(|_| ch.flush()) {
