@@ -793,15 +793,15 @@ pub fn temp_name(name: &str) -> String {
     format!(".{clean}.part")
 }
 
-/// The install command under `sh -c`, bounded by `install_timeout` on the
-/// host as well (exit 124 when the deadline fires): by the session's bash
-/// script runner, which defines `__dispatch_bounded` (no extra process), else
-/// by coreutils `timeout`.
+/// The install command, with `sh` semantics, bounded by `install_timeout` on
+/// the host as well (exit 124 when the deadline fires): in a subshell when
+/// the session's bash script runner enforces the deadline (the script then
+/// runs as `dispatch-bounded`), else under coreutils `timeout`.
 fn wrap_install(cmd: &str, limit: Duration) -> String {
     let secs = limit.as_secs().max(1);
     let inner = shell_quote(cmd);
     format!(
-        "if command -v __dispatch_bounded >/dev/null 2>&1; then __dispatch_bounded {secs} {inner} </dev/null 2>&1; \
+        "if [ \"$0\" = dispatch-bounded ]; then ( eval {inner} ) </dev/null 2>&1; \
          elif command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; \
          else exec sh -c {inner} </dev/null 2>&1; fi"
     )
@@ -898,6 +898,10 @@ mod tests {
                     5,
                     wrap_install("cat; echo stdin-was-empty", Duration::from_secs(5)),
                 ),
+                (
+                    5,
+                    wrap_install("trap 'echo bye' EXIT; exit 4", Duration::from_secs(5)),
+                ),
                 (5, "echo after".into()),
             ],
         );
@@ -906,14 +910,19 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(res.len(), 6, "{res:?}");
+        assert_eq!(res.len(), 7, "{res:?}");
         assert_eq!((res[0].0.trim(), res[0].1), ("hi", 3));
         assert_eq!(res[1].1, 231);
         assert!(!res[1].0.lines().any(|l| l == "no"), "{res:?}");
         assert_eq!((res[2].0.trim(), res[2].1), ("inst", 5));
         assert_eq!(res[3].1, 124, "{res:?}");
         assert_eq!((res[4].0.trim(), res[4].1), ("stdin-was-empty", 0));
-        assert_eq!((res[5].0.trim(), res[5].1), ("after", 0));
+        assert_eq!(
+            (res[5].0.trim(), res[5].1),
+            ("bye", 4),
+            "an install's own EXIT trap"
+        );
+        assert_eq!((res[6].0.trim(), res[6].1), ("after", 0));
         let pid = std::fs::read_to_string(&pidfile).unwrap();
         let proc_dir = format!("/proc/{}", pid.trim());
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -929,8 +938,9 @@ mod tests {
     #[test]
     fn bash_script_runner_bounds_installs_without_extra_processes() {
         let runner = format!(
-            "exec bash --norc -c {} dispatch-driver",
-            shell_quote(crate::transport::ssh::BASH_DRIVER)
+            "exec bash --norc -c {} dispatch-driver {}",
+            shell_quote(crate::transport::ssh::BASH_DRIVER),
+            shell_quote(crate::transport::ssh::BOUNDED_JOB)
         );
         check_runner(&runner);
     }

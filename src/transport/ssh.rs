@@ -188,43 +188,42 @@ pub struct SshSession {
 /// and runs each script, printing a status line after it. One remote process
 /// per session instead of one login shell per file.
 ///
-/// With bash on the host ([`BASH_DRIVER`]), the runner itself enforces each
-/// script's deadline and the install command is started with one `exec sh -c`
-/// (no `timeout` process, no extra shell per file). Without bash, GNU xargs
-/// runs one `sh` per script ([`XARGS_DRIVER`]) and the script bounds its own
-/// install with coreutils `timeout`. Each is passed as a quoted argument so
-/// the login shell (even csh) only sees a plain `exec sh -c … ARG ARG`.
+/// With bash on the host ([`BASH_DRIVER`]) the runner enforces each script's
+/// deadline itself, and the script (`sh -c`, as `dispatch-bounded`) runs the
+/// install in a subshell: no `timeout` process, no extra shell exec per file.
+/// Without bash, GNU xargs runs one `sh` per script ([`XARGS_DRIVER`]) and
+/// the script bounds its install with coreutils `timeout`. The runners are
+/// passed as quoted arguments, so the login shell only ever sees a plain
+/// `exec sh -c ARG NAME ARG ARG ARG`.
 fn driver_command() -> String {
+    use crate::route::shell_quote;
     format!(
-        "exec sh -c {} dispatch-sh {} {}",
-        crate::route::shell_quote(
-            "if command -v bash >/dev/null 2>&1; then exec bash --norc -c \"$1\" dispatch-driver; fi; \
-             exec xargs -0 -n 2 sh -c \"$2\" dispatch-driver"
+        "exec sh -c {} dispatch-sh {} {} {}",
+        shell_quote(
+            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$3"; fi; exec xargs -0 -n 2 sh -c "$2" dispatch-driver"#
         ),
-        crate::route::shell_quote(BASH_DRIVER),
-        crate::route::shell_quote(XARGS_DRIVER),
+        shell_quote(BASH_DRIVER),
+        shell_quote(XARGS_DRIVER),
+        shell_quote(BOUNDED_JOB),
     )
 }
 
-/// The bash runner. `set -m` puts each script in its own process group; fd 3
-/// is a pipe to itself on which the script's wrapper reports its status (a
-/// `read -t` on it is a wait with a deadline, no `sleep` process). At the
-/// deadline the group gets TERM, 10 s later KILL, and the status is 124 like
-/// coreutils `timeout`. The wrapper traps TERM only so that it outlives the
-/// script and reports; the script itself gets the default TERM action.
-/// `__dispatch_bounded` is how scripts run the install command here (see
-/// `job::wrap_install`). No `!` and no `'`: safe in any login shell's quotes.
-pub const BASH_DRIVER: &str = "set -m; exec 3<> <(:); \
-__dispatch_bounded() { exec sh -c \"$2\"; }; \
-while IFS= read -r -d \"\" t && IFS= read -r -d \"\" s; do \
-( trap : TERM; (eval \"$s\"); echo \"$?\" >&3 ) </dev/null 2>&1 & p=$!; \
-read -r -t \"$t\" -u 3 rc || { kill -TERM -- \"-$p\" 2>/dev/null; \
-read -r -t 10 -u 3 rc || kill -KILL -- \"-$p\" 2>/dev/null; rc=124; }; \
-wait \"$p\" 2>/dev/null; printf \"\\n@@dispatch:rc:%s\\n\" \"$rc\"; done";
+/// The bash runner (`$1` = [`BOUNDED_JOB`]). `set -m` puts each script in a
+/// process group of its own; fd 3 is a pipe to itself on which the script
+/// reports its status, so a `read -t` on it is a wait with a deadline (no
+/// `sleep` process). At the deadline the group gets TERM, 10 s later KILL,
+/// and the status is 124, as with coreutils `timeout`.
+pub const BASH_DRIVER: &str = r#"set -m; exec 3<> <(:); while IFS= read -r -d "" t && IFS= read -r -d "" s; do sh -c "$1" dispatch-bounded "$s" </dev/null 2>&1 & p=$!; read -r -t "$t" -u 3 rc || { kill -TERM -- "-$p" 2>/dev/null; read -r -t 10 -u 3 rc || kill -KILL -- "-$p" 2>/dev/null; rc=124; }; wait "$p" 2>/dev/null; printf "\n@@dispatch:rc:%s\n" "$rc"; done"#;
+
+/// One script under the bash runner: reports its exit status on fd 3 however
+/// it exits (`exit N` included); on TERM it exits 143 and still reports.
+/// The install command runs in a subshell (`job::wrap_install`), so its own
+/// traps cannot take the report away.
+pub const BOUNDED_JOB: &str = r#"trap "exit 143" TERM; trap "echo \$? >&3" EXIT; eval "$1""#;
 
 /// The fallback runner (no bash): GNU xargs gives each script /dev/null as
 /// stdin; `$1` (the deadline) is enforced by the script's own `timeout`.
-pub const XARGS_DRIVER: &str = "(eval \"$2\") 2>&1; printf \"\\n@@dispatch:rc:%s\\n\" \"$?\"";
+pub const XARGS_DRIVER: &str = r#"(eval "$2") 2>&1; printf "\n@@dispatch:rc:%s\n" "$?""#;
 
 /// How much longer than a script's remote deadline the client waits: the
 /// runner's TERM-then-KILL takes up to 10 s.
