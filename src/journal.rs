@@ -615,14 +615,17 @@ impl Journal {
             "SELECT {PACKAGE_COLUMNS} FROM package
              WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 ORDER BY id DESC LIMIT 1"
         );
+        // cached statement: the daemon's start-up asks this once per file
         self.conn()
-            .query_row(
-                &sql,
-                params![path_bytes(path), to_i64(size), mtime_ns],
-                package_from_row,
-            )
-            .optional()
-            .map_err(self.err(format!("{}: look up", path.display())))
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(
+                    params![path_bytes(path), to_i64(size), mtime_ns],
+                    package_from_row,
+                )
+                .optional()
+            })
+            .map_err(|e| self.err(format!("{}: look up", path.display()))(e))
     }
 
     /// The newest package recorded for this path with this content, whatever
@@ -638,9 +641,12 @@ impl Journal {
              WHERE path = ?1 AND sha256 = ?2 ORDER BY id DESC LIMIT 1"
         );
         self.conn()
-            .query_row(&sql, params![path_bytes(path), sha256], package_from_row)
-            .optional()
-            .map_err(self.err(format!("{}: look up by hash", path.display())))
+            .prepare_cached(&sql)
+            .and_then(|mut st| {
+                st.query_row(params![path_bytes(path), sha256], package_from_row)
+                    .optional()
+            })
+            .map_err(|e| self.err(format!("{}: look up by hash", path.display()))(e))
     }
 
     /// The package with this id.
@@ -789,7 +795,7 @@ impl Journal {
             }
             Ok(out)
         };
-        run().map_err(self.err(format!("package {pkg}: read host states")))
+        run().map_err(|e| self.err(format!("package {pkg}: read host states"))(e))
     }
 
     /// Done = every one of `hosts` is in `done_state` (`Installed` when the
