@@ -12,6 +12,7 @@
 #   LEGACY_TIMEOUT=600 many: the legacy flood is cut off (and its leftovers counted failed) after this many s
 #   LEGACY_RUNS=$RUNS  many: runs of the legacy flood (minutes each at full size; it loads the machine)
 #   LSYNCD_DELAYS="0 15"   dropdir: lsyncd `delay` settings to measure (15 is lsyncd's default)
+#   DISPATCH_JOBS=8 DISPATCH_SESSIONS=2   dispatch's `jobs` and `max_sessions_per_host` (its defaults)
 #   DISPATCH_BIN=      a dispatch binary to use; default: `cargo build --release` in the repo
 #   DISPATCH_DESC=     how that binary was built (goes into the report)
 #   BENCH_PORT=2422    sshd port (all hosts share it, on 127.0.0.2-5); 2222/2322 are used by others
@@ -38,6 +39,8 @@ SCALE_FILES=${SCALE_FILES:-100000}
 LEGACY_TIMEOUT=${LEGACY_TIMEOUT:-600}
 LEGACY_RUNS=${LEGACY_RUNS:-$RUNS}
 LSYNCD_DELAYS=${LSYNCD_DELAYS:-0 15}
+D_JOBS=${DISPATCH_JOBS:-8}            # dispatch's defaults
+D_SESSIONS=${DISPATCH_SESSIONS:-2}
 PORT=${BENCH_PORT:-2422}
 BUSER=${BENCH_USER:-dsp-bench}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
@@ -50,7 +53,7 @@ log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 for w in "${WORKLOADS[@]}"; do
-  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,23p" "$0"; exit 0 ;;
     *) die "unknown workload '$w' (throughput many dropdir scale)" ;; esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
@@ -245,8 +248,8 @@ dispatch_config() { # file section hosts dest_dir install_command [extra [dispat
   {
     echo "[dispatch]"
     echo "state_dir = $state"
-    echo "jobs = 8"
-    echo "max_sessions_per_host = 2"
+    echo "jobs = $D_JOBS"
+    echo "max_sessions_per_host = $D_SESSIONS"
     if [ -n "$extra" ]; then printf '%s\n' "$extra"; fi
     echo
     echo "[$section]"
@@ -516,7 +519,7 @@ wl_many() {
   md ""
   md "| tool | wall s (median) | wall s per run | verified (per run) | result per package × host | client CPU s | server CPU s | dispatch ÷ tool, time |"
   md "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |"
-  md "| \`dispatch\` (jobs 8, 2 sessions per host) | $(fmt "$dsecs") | $(vals many dispatch secs) | $(vals many dispatch verified 0) | yes ($(vals many dispatch okresults 0) ok lines) | $(fmt "$(med many dispatch ccpu)") | $(fmt "$(med many dispatch scpu)") | 1.00× |"
+  md "| \`dispatch\` (jobs $D_JOBS, $D_SESSIONS sessions per host) | $(fmt "$dsecs") | $(vals many dispatch secs) | $(vals many dispatch verified 0) | yes ($(vals many dispatch okresults 0) ok lines) | $(fmt "$(med many dispatch ccpu)") | $(fmt "$(med many dispatch scpu)") | 1.00× |"
   md "| (a) legacy: per file a background job, per host new \`ssh mkdir\` + \`scp\` + \`ssh install\`, all $NFILES at once | $(fmt "$(med many legacy secs)") | $(vals many legacy secs) | $(vals many legacy verified 0) | yes (but many fail) | $(fmt "$(med many legacy ccpu)") | $(fmt "$(med many legacy scpu)") | $(fmt "$(med many legacy ratio)")× |"
   md "| (b) OpenSSH ControlMaster per host, \`xargs -P8\`: mkdir + scp + install per file × host | $(fmt "$(med many mux secs)") | $(vals many mux secs) | $(vals many mux verified 0) | yes | $(fmt "$(med many mux ccpu)") | $(fmt "$(med many mux scpu)") | $(fmt "$(med many mux ratio)")× |"
   md "| (c) per host: one \`scp\` of all files + one \`ssh\` running all installs (hosts in parallel) | $(fmt "$(med many perhost secs)") | $(vals many perhost secs) | $(vals many perhost verified 0) | no | $(fmt "$(med many perhost ccpu)") | $(fmt "$(med many perhost scpu)") | $(fmt "$rperhost")× |"
@@ -765,7 +768,7 @@ wl_scale() {
   find "$drop" -type f -exec touch -d '-1 min' {} +
   # a trivial install; 8 sessions to the one host so the warm-up does not take all day
   dispatch_config "$W/scale.ini" 's-' "$h" "$RHOME/scale/{host}" 'true' "$(printf 'watch = %s\nsettle = 2s' "$drop")"
-  sed -i 's/^max_sessions_per_host = 2$/max_sessions_per_host = 8/' "$W/scale.ini"
+  sed -i 's/^max_sessions_per_host = .*/max_sessions_per_host = 8/' "$W/scale.ini"
   local load0; load0=$(loadavg)
   log "scale: warm-up (every file dispatched once, journal filled)"
   local t0=$EPOCHREALTIME last=-1 stall=$SECONDS n=0
