@@ -212,8 +212,9 @@ fn driver_command() -> String {
 /// process group of its own; fd 3 is a pipe to itself on which the script
 /// reports its status, so a `read -t` on it is a wait with a deadline (no
 /// `sleep` process). At the deadline the group gets TERM, 10 s later KILL,
-/// and the status is 124, as with coreutils `timeout`.
-pub const BASH_DRIVER: &str = r#"set -m; exec 3<> <(:); while IFS= read -r -d "" t && IFS= read -r -d "" s; do sh -c "$1" dispatch-bounded "$s" </dev/null 2>&1 & p=$!; read -r -t "$t" -u 3 rc || { kill -TERM -- "-$p" 2>/dev/null; read -r -t 10 -u 3 rc || kill -KILL -- "-$p" 2>/dev/null; rc=124; }; wait "$p" 2>/dev/null; printf "\n@@dispatch:rc:%s\n" "$rc"; done"#;
+/// and the status is 124, as with coreutils `timeout`; a status the killed
+/// script wrote too late is drained so the next script cannot read it.
+pub const BASH_DRIVER: &str = r#"set -m; exec 3<> <(:); while IFS= read -r -d "" t && IFS= read -r -d "" s; do sh -c "$1" dispatch-bounded "$s" </dev/null 2>&1 & p=$!; read -r -t "$t" -u 3 rc || { kill -TERM -- "-$p" 2>/dev/null; read -r -t 10 -u 3 rc || kill -KILL -- "-$p" 2>/dev/null; rc=124; late=1; }; wait "$p" 2>/dev/null; if [ -n "$late" ]; then while read -r -t 0.05 -u 3 _; do :; done; late=; fi; printf "\n@@dispatch:rc:%s\n" "$rc"; done"#;
 
 /// One script under the bash runner: reports its exit status on fd 3 however
 /// it exits (`exit N` included); on TERM it exits 143 and still reports.
