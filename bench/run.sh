@@ -20,11 +20,11 @@
 #   RESULTS_DIR=bench/results   where <date>.md is written
 #   KEEP=1             keep the temp dir (configs, logs, per-run values) for inspection
 #
-# Needs root (sshd switching users, useradd), OpenSSH client+server, /usr/bin/time, inotify-tools;
-# lsyncd and sqlite3 are used if installed. Everything listens on 127.0.0.0/8 only; every process
-# started here is stopped by pid on exit. Timings are noisy on a shared machine: each workload runs
-# RUNS times, tools in rotating order, and ratios are taken per run (dispatch and its peers measured
-# minutes apart at most) before the median.
+# Needs root (sshd switching users, useradd); installs OpenSSH client+server, time, inotify-tools,
+# lsyncd and sqlite3 with apt-get if one is missing (lsyncd and sqlite3 are optional). Everything
+# listens on 127.0.0.0/8 only; every process started here is stopped by pid on exit. Timings are
+# noisy on a shared machine: each workload runs RUNS times, tools in rotating order, and ratios are
+# taken per run (dispatch and its peers measured minutes apart at most) before the median.
 set -euo pipefail
 export LC_ALL=C
 unset SSH_AUTH_SOCK SSH_AGENT_PID || true
@@ -58,6 +58,15 @@ for w in "${WORKLOADS[@]}"; do
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
+# the peers and tools, installed if missing (Debian; skipped when apt-get is absent or offline)
+BENCH_PKGS=(openssh-server openssh-client time iproute2 inotify-tools lsyncd sqlite3)
+MISSING=0
+for c in inotifywait lsyncd sqlite3 /usr/bin/time /usr/sbin/sshd ssh ss; do command -v "$c" >/dev/null || MISSING=1; done
+if [ "$MISSING" = 1 ] && command -v apt-get >/dev/null; then
+  log "installing ${BENCH_PKGS[*]} (apt-get)"
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q "${BENCH_PKGS[@]}" >&2 ||
+    log "apt-get install failed; going on with what is installed"
+fi
 for c in /usr/sbin/sshd ssh scp ssh-keygen /usr/bin/time sha256sum awk ss; do
   command -v "$c" >/dev/null || die "$c missing (apt-get install openssh-server openssh-client time iproute2)"
 done
