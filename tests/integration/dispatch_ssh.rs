@@ -910,3 +910,97 @@ fn a_host_without_sftp_gets_the_same_verify_rename_and_install_through_a_shell()
         .iter()
         .any(|p| p.to_string_lossy().ends_with(".part")));
 }
+
+#[test]
+fn a_host_without_bash_gets_the_xargs_runner_and_its_installs_are_still_bounded() {
+    let ws = Workspace::new();
+    // the session's PATH holds only what the fallback needs: no bash
+    let bin = ws.path().join("nobash-bin");
+    fs::create_dir_all(&bin).unwrap();
+    for tool in [
+        "sh",
+        "xargs",
+        "timeout",
+        "scp",
+        "mkdir",
+        "mv",
+        "rm",
+        "cat",
+        "wc",
+        "sha256sum",
+        "sleep",
+    ] {
+        let target = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not found"));
+        std::os::unix::fs::symlink(target, bin.join(tool)).unwrap();
+    }
+    let plain = SshServer::start(&servers::fresh_addr());
+    let nobash = SshServer::start_with(
+        &servers::fresh_addr(),
+        servers::SshOptions {
+            extra_config: format!("SetEnv PATH={}\n", bin.display()),
+            ..Default::default()
+        },
+    );
+    let kh = ws.known_hosts(&[&plain, &nobash]);
+    let remote = ws.remote_dir("remote");
+    let mut cfg = format!(
+        "[dispatch]\nstate_dir = {}\n",
+        ws.path().join("state").display()
+    );
+    for (prefix, h) in [("a-", &plain), ("b-", &nobash)] {
+        cfg.push_str(&format!(
+            "[{prefix}]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\ndest_dir = {}/{prefix}\n",
+            h.addr,
+            h.port,
+            servers::test_user().name,
+            servers::keys().ed25519.display(),
+            kh.display(),
+            remote.display(),
+        ));
+        // which shell ran the install: `sh` under the xargs runner's
+        // `timeout … sh -c`, `dispatch-bounded` under the bash runner
+        cfg.push_str(
+            "install_command = if [ {name} = b-slow ]; then sleep 30; fi; echo \"$0\" > {name}.shell\ninstall_timeout = 2s\n",
+        );
+    }
+    let cfg = ws.write_config(&cfg);
+    let files = [
+        ws.file("a-1", b"a"),
+        ws.file("b-1", b"b"),
+        ws.file("b-slow", b"s"),
+    ];
+    let started = Instant::now();
+    let r = ws
+        .dispatch()
+        .args(["-c", cfg.to_str().unwrap(), "--json"])
+        .args(&files)
+        .run()
+        .assert_code(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    let shell = |dir: &str, name: &str| {
+        fs::read_to_string(remote.join(dir).join(format!("{name}.shell")))
+            .unwrap_or_else(|e| panic!("{dir}/{name}.shell: {e}; {}", r.stdout))
+    };
+    assert_eq!(shell("a-", "a-1").trim(), "dispatch-bounded");
+    assert_eq!(shell("b-", "b-1").trim(), "sh");
+    assert_eq!(fs::read(remote.join("b-").join("b-1")).unwrap(), b"b");
+    let slow: serde_json::Value = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["file"] == "b-slow")
+        .unwrap();
+    assert_eq!(slow["ok"], false);
+    assert!(
+        slow["error"].as_str().unwrap().contains("install_timeout"),
+        "{slow:?}"
+    );
+}
