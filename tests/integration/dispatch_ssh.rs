@@ -203,11 +203,7 @@ fn first_matching_section_wins_and_named_groups_fill_placeholders() {
             ])
             .run();
     assert_eq!(r.status, Some(3), "unrouted file → exit 3: {r:?}");
-    let lines: Vec<serde_json::Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = servers::results(&r.stdout);
     assert_eq!(
         lines[0]["section"],
         r"(?P<app>web|api)-(?P<version>[0-9.]+)\.tar\.gz$"
@@ -585,16 +581,8 @@ fn install_failures_huge_output_and_timeouts_are_reported() {
         "{:?}",
         started.elapsed()
     );
-    let res: Vec<serde_json::Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let by = |f: &str| {
-        res.iter()
-            .find(|v| v["file"] == f)
-            .unwrap_or_else(|| panic!("{f}: {res:?}"))
-    };
+    let res = servers::results(&r.stdout);
+    let by = |f: &str| servers::one(&res, f);
     assert_eq!(by("fail-1")["exit_status"], 7);
     assert_eq!(by("fail-1")["ok"], false);
     assert!(by("fail-1")["output_tail"]
@@ -992,12 +980,8 @@ fn a_host_without_bash_gets_the_xargs_runner_and_its_installs_are_still_bounded(
     assert_eq!(shell("a-", "a-1").trim(), "dispatch-bounded");
     assert_eq!(shell("b-", "b-1").trim(), "sh");
     assert_eq!(fs::read(remote.join("b-").join("b-1")).unwrap(), b"b");
-    let slow: serde_json::Value = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["file"] == "b-slow")
-        .unwrap();
+    let res = servers::results(&r.stdout);
+    let slow = servers::one(&res, "b-slow");
     assert_eq!(slow["ok"], false);
     assert!(
         slow["error"].as_str().unwrap().contains("install_timeout"),

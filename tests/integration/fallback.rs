@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::servers::{self, FtpServer, SshOptions, SshServer, Workspace};
+use crate::servers::{self, one, results, FtpServer, SshOptions, SshServer, Workspace};
 
 /// Generous slack for a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(6);
@@ -15,19 +15,6 @@ fn state(ws: &Workspace) -> String {
         "[dispatch]\nstate_dir = {}\n",
         ws.path().join("state").display()
     )
-}
-
-fn results(stdout: &str) -> Vec<serde_json::Value> {
-    stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-        .collect()
-}
-
-fn one<'a>(res: &'a [serde_json::Value], file: &str) -> &'a serde_json::Value {
-    res.iter()
-        .find(|v| v["file"] == file)
-        .unwrap_or_else(|| panic!("no result for {file}: {res:?}"))
 }
 
 /// Files (recursively) under `dir` whose name ends with `.part`.

@@ -1784,3 +1784,18 @@ impl Drop for DispatchChild {
         }
     }
 }
+
+/// The `--json` result lines of a dispatch run.
+pub fn results(stdout: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The result for `file` among `res`.
+pub fn one<'a>(res: &'a [serde_json::Value], file: &str) -> &'a serde_json::Value {
+    res.iter()
+        .find(|v| v["file"] == file)
+        .unwrap_or_else(|| panic!("no result for {file}: {res:?}"))
+}
