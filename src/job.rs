@@ -794,14 +794,15 @@ pub fn temp_name(name: &str) -> String {
 }
 
 /// The install command, with `sh` semantics, bounded by `install_timeout` on
-/// the host as well (exit 124 when the deadline fires): in a subshell when
-/// the session's bash script runner enforces the deadline (the script then
-/// runs as `dispatch-bounded`), else under coreutils `timeout`.
+/// the host as well (exit 124 when the deadline fires): evaluated in the
+/// script's own subshell when the session's bash script runner enforces the
+/// deadline (the script then runs as `dispatch-bounded`), else under
+/// coreutils `timeout`.
 fn wrap_install(cmd: &str, limit: Duration) -> String {
     let secs = limit.as_secs().max(1);
     let inner = shell_quote(cmd);
     format!(
-        "if [ \"$0\" = dispatch-bounded ]; then ( eval {inner} ) </dev/null 2>&1; \
+        "if [ \"$0\" = dispatch-bounded ]; then eval {inner} </dev/null 2>&1; \
          elif command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; \
          else exec sh -c {inner} </dev/null 2>&1; fi"
     )
@@ -852,6 +853,7 @@ mod tests {
     /// runner`, as the SSH session does, and split what it prints into
     /// `(output, status)` per job.
     fn run_runner(runner: &str, jobs: &[(u64, String)]) -> Vec<(String, i32)> {
+        let marker = String::from_utf8(crate::transport::ssh::rc_marker("n0nce")).unwrap();
         use std::io::Write;
         use std::process::{Command, Stdio};
         let mut child = Command::new("sh")
@@ -869,7 +871,7 @@ mod tests {
         child.stdin.take().unwrap().write_all(&input).unwrap();
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8(out.stdout).unwrap();
-        let mut parts: Vec<&str> = text.split("\n@@dispatch:rc:").collect();
+        let mut parts: Vec<&str> = text.split(marker.as_str()).collect();
         let mut res = Vec::new();
         let mut output = parts.remove(0).to_string();
         for p in parts {
@@ -881,11 +883,15 @@ mod tests {
     }
 
     /// Both script runners: statuses, `exit`, stdin kept from the next job,
-    /// and the install deadline (124, and the install's process is gone).
+    /// the install deadline (124, and the install's process is gone), and a
+    /// file name that looks like the runner's framing.
     fn check_runner(runner: &str) {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        let slow = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+        // the pid of the process that outlives the deadline unless killed
+        let slow = format!("sh -c 'echo $$ > {}; exec sleep 30'", pidfile.display());
+        // a quoted name whose lines look like the runner's framing
+        let tricky = "x\n.\n>echo injected\n@@dispatch:rc:0";
         let started = Instant::now();
         let res = run_runner(
             runner,
@@ -903,6 +909,7 @@ mod tests {
                     wrap_install("trap 'echo bye' EXIT; exit 4", Duration::from_secs(5)),
                 ),
                 (5, "echo after".into()),
+                (5, format!("printf '%s|' {}", shell_quote(tricky))),
             ],
         );
         assert!(
@@ -910,7 +917,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(res.len(), 7, "{res:?}");
+        assert_eq!(res.len(), 8, "{res:?}");
         assert_eq!((res[0].0.trim(), res[0].1), ("hi", 3));
         assert_eq!(res[1].1, 231);
         assert!(!res[1].0.lines().any(|l| l == "no"), "{res:?}");
@@ -923,6 +930,10 @@ mod tests {
             "an install's own EXIT trap"
         );
         assert_eq!((res[6].0.trim(), res[6].1), ("after", 0));
+        assert_eq!(
+            (res[7].0.as_str(), res[7].1),
+            (format!("{tricky}|").as_str(), 0)
+        );
         let pid = std::fs::read_to_string(&pidfile).unwrap();
         let proc_dir = format!("/proc/{}", pid.trim());
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -937,18 +948,14 @@ mod tests {
 
     #[test]
     fn bash_script_runner_bounds_installs_without_extra_processes() {
-        let runner = format!(
-            "exec bash --norc -c {} dispatch-driver {}",
-            shell_quote(crate::transport::ssh::BASH_DRIVER),
-            shell_quote(crate::transport::ssh::BOUNDED_JOB)
-        );
-        check_runner(&runner);
+        // bash is installed here, so the session's command picks this runner
+        check_runner(&crate::transport::ssh::driver_command("n0nce"));
     }
 
     #[test]
     fn xargs_script_runner_bounds_installs_with_timeout() {
         let runner = format!(
-            "exec xargs -0 -n 2 sh -c {} dispatch-driver",
+            "exec xargs -0 -n 2 sh -c {} dispatch-driver n0nce",
             shell_quote(crate::transport::ssh::XARGS_DRIVER)
         );
         check_runner(&runner);

@@ -144,9 +144,9 @@ impl Scan {
     }
 
     /// The script runner's status line, if it has arrived.
-    fn status(&mut self) -> Option<i32> {
-        let pos = find_last(&self.pending, RC_MARKER)?;
-        let rest = &self.pending[pos + RC_MARKER.len()..];
+    fn status(&mut self, rc_marker: &[u8]) -> Option<i32> {
+        let pos = find_last(&self.pending, rc_marker)?;
+        let rest = &self.pending[pos + rc_marker.len()..];
         let nl = rest.iter().position(|b| *b == b'\n')?;
         let status = String::from_utf8_lossy(&rest[..nl])
             .trim()
@@ -175,8 +175,9 @@ pub struct SshSession {
     made_dirs: Vec<String>,
     /// A remote `scp -t DIR` receiving every file this session sends to DIR.
     sink: Option<(String, ssh2::Channel)>,
-    /// A remote shell loop running one script per file (see [`driver_command`]).
-    driver: Option<ssh2::Channel>,
+    /// A remote shell loop running one script per file (see
+    /// [`driver_command`]), and the status marker it prints.
+    driver: Option<(ssh2::Channel, Vec<u8>)>,
     /// A connection-level failure happened: the session is not reused.
     broken: std::cell::Cell<bool>,
     /// The session's SFTP channel, for checks and renames that need no
@@ -189,42 +190,100 @@ pub struct SshSession {
 /// per session instead of one login shell per file.
 ///
 /// With bash on the host ([`BASH_DRIVER`]) the runner enforces each script's
-/// deadline itself, and the script (`sh -c`, as `dispatch-bounded`) runs the
-/// install in a subshell: no `timeout` process, no extra shell exec per file.
-/// Without bash, GNU xargs runs one `sh` per script ([`XARGS_DRIVER`]) and
-/// the script bounds its install with coreutils `timeout`. The runners are
-/// passed as quoted arguments, so the login shell only ever sees a plain
-/// `exec sh -c ARG NAME ARG ARG ARG`.
-fn driver_command() -> String {
+/// deadline itself and hands the script to a persistent `sh` ([`EXECUTOR`],
+/// as `dispatch-bounded`), which runs it in a subshell: per file one `sh`
+/// fork, no `timeout`, no shell exec. Without bash, GNU xargs runs one `sh`
+/// per script ([`XARGS_DRIVER`]) and the script bounds its install with
+/// coreutils `timeout`. The runners are passed as quoted arguments, so the
+/// login shell only ever sees a plain `exec sh -c ARG NAME ARG ARG ARG`.
+///
+/// Each status line carries `nonce` (random per runner, see [`rc_marker`]),
+/// so an install printing something that looks like one cannot end its
+/// script early.
+pub fn driver_command(nonce: &str) -> String {
     use crate::route::shell_quote;
     format!(
-        "exec sh -c {} dispatch-sh {} {} {}",
+        "exec sh -c {} dispatch-sh {} {} {} {}",
         shell_quote(
-            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$3"; fi; exec xargs -0 -n 2 sh -c "$2" dispatch-driver"#
+            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$4" "$3"; fi; exec xargs -0 -n 2 sh -c "$2" dispatch-driver "$4""#
         ),
         shell_quote(BASH_DRIVER),
         shell_quote(XARGS_DRIVER),
-        shell_quote(BOUNDED_JOB),
+        shell_quote(EXECUTOR),
+        shell_quote(nonce),
     )
 }
 
-/// The bash runner (`$1` = [`BOUNDED_JOB`]). `set -m` puts each script in a
-/// process group of its own; fd 3 is a pipe to itself on which the script
-/// reports its status, so a `read -t` on it is a wait with a deadline (no
-/// `sleep` process). At the deadline the group gets TERM, 10 s later KILL,
-/// and the status is 124, as with coreutils `timeout`; a status the killed
-/// script wrote too late is drained so the next script cannot read it.
-pub const BASH_DRIVER: &str = r#"set -m; exec 3<> <(:); while IFS= read -r -d "" t && IFS= read -r -d "" s; do sh -c "$1" dispatch-bounded "$s" </dev/null 2>&1 & p=$!; read -r -t "$t" -u 3 rc || { kill -TERM -- "-$p" 2>/dev/null; read -r -t 10 -u 3 rc || kill -KILL -- "-$p" 2>/dev/null; rc=124; late=1; }; wait "$p" 2>/dev/null; if [ -n "$late" ]; then while read -r -t 0.05 -u 3 _; do :; done; late=; fi; printf "\n@@dispatch:rc:%s\n" "$rc"; done"#;
+/// What the runner prints before a script's status: `\n@@dispatch:NONCE:rc:`.
+pub fn rc_marker(nonce: &str) -> Vec<u8> {
+    format!("\n@@dispatch:{nonce}:rc:").into_bytes()
+}
 
-/// One script under the bash runner: reports its exit status on fd 3 however
-/// it exits (`exit N` included); on TERM it exits 143 and still reports.
-/// The install command runs in a subshell (`job::wrap_install`), so its own
-/// traps cannot take the report away.
-pub const BOUNDED_JOB: &str = r#"trap "exit 143" TERM; trap "echo \$? >&3" EXIT; eval "$1""#;
+/// 16 hex digits from the kernel's random source (the time and pid if that
+/// cannot be read): not a secret, just not guessable by an install's output.
+fn fresh_nonce() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if read.is_err() {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let mixed = t ^ (u128::from(std::process::id()) << 64);
+        b.copy_from_slice(&mixed.to_le_bytes()[..8]);
+    }
+    hex(&b)
+}
+
+/// The bash runner (`$1` = the status marker's nonce, `$2` = [`EXECUTOR`]). The executor is a coprocess in a
+/// process group of its own (`set -m`); each script goes to it as lines
+/// prefixed with `>` and ended by a line `.` (so no line of a script, a
+/// quoted file name with newlines included, can end it early), and its
+/// status comes back on the coprocess pipe, read with `read -t` = a wait
+/// with a deadline. At the deadline the executor's group (it and the
+/// script's processes) gets TERM, 10 s later KILL, the status is 124, as
+/// with coreutils `timeout`, and a new executor starts. fd 4 is the
+/// channel, where scripts write their output; fd 3 is a pipe to itself,
+/// to sleep on without a `sleep` process.
+pub const BASH_DRIVER: &str = r#"set -m; exec 4>&1 3<> <(:); m=$1; e=$2; nl=$'\n'
+up() { coproc EX { exec sh -c "$e" dispatch-bounded 3>&-; }; g=$EX_PID; i=${EX[0]}; o=${EX[1]}; }
+up
+while IFS= read -r -d "" t && IFS= read -r -d "" s; do
+  [ -n "${EX_PID-}" ] || up
+  printf '>%s\n.\n' "${s//"$nl"/"$nl>"}" >&"$o"
+  if IFS= read -r -t "$t" -u "$i" rc; then :
+  elif [ $? -gt 128 ]; then
+    rc=124; kill -TERM -- "-$g" 2>/dev/null
+    n=0; while kill -0 -- "-$g" 2>/dev/null && [ $n -lt 100 ]; do read -r -t 0.1 -u 3 _; n=$((n + 1)); done
+    kill -KILL -- "-$g" 2>/dev/null; wait "$g" 2>/dev/null; up
+  else
+    wait "$g" 2>/dev/null; rc=$?; kill -KILL -- "-$g" 2>/dev/null; up
+  fi
+  printf '\n@@dispatch:%s:rc:%s\n' "$m" "$rc"
+done"#;
+
+/// The executor under the bash runner: reads a script (see [`BASH_DRIVER`]),
+/// runs it in a subshell with stdin from /dev/null and its output on the
+/// channel (fd 4), and reports its exit status. As `$0` is
+/// `dispatch-bounded`, `job::wrap_install` knows the deadline is enforced.
+pub const EXECUTOR: &str = r#"nl='
+'
+while IFS= read -r l; do
+  s=
+  while :; do
+    case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac
+    IFS= read -r l || exit 0
+  done
+  ( eval "$s" ) </dev/null >&4 2>&1 4>&-
+  echo "$?"
+done"#;
 
 /// The fallback runner (no bash): GNU xargs gives each script /dev/null as
-/// stdin; `$1` (the deadline) is enforced by the script's own `timeout`.
-pub const XARGS_DRIVER: &str = r#"(eval "$2") 2>&1; printf "\n@@dispatch:rc:%s\n" "$?""#;
+/// stdin; `$1` is the nonce, `$2` (the deadline) is enforced by the
+/// script's own `timeout`.
+pub const XARGS_DRIVER: &str =
+    r#"(eval "$3") 2>&1; r=$?; printf "\n@@dispatch:%s:rc:%s\n" "$1" "$r""#;
 
 /// How much longer than a script's remote deadline the client waits: the
 /// runner's TERM-then-KILL takes up to 10 s.
@@ -233,7 +292,6 @@ const DRIVER_GRACE: Duration = Duration::from_secs(15);
 /// Client-to-server cipher preference (see `vendor/libssh2-sys/PATCHES.md`).
 const UPLOAD_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
 chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr";
-const RC_MARKER: &[u8] = b"\n@@dispatch:rc:";
 
 fn ssh_kind(e: &ssh2::Error) -> ErrorKind {
     match e.code() {
@@ -880,13 +938,14 @@ impl SshSession {
         marker: Option<&str>,
     ) -> Result<ExecOutput, TransferError> {
         if self.driver.is_none() {
+            let nonce = fresh_nonce();
             let ch = self.sess.channel_session().and_then(|mut ch| {
                 ch.handle_extended_data(ExtendedData::Merge)?;
-                ch.exec(&driver_command())?;
+                ch.exec(&driver_command(&nonce))?;
                 Ok(ch)
             });
             match ch {
-                Ok(ch) => self.driver = Some(ch),
+                Ok(ch) => self.driver = Some((ch, rc_marker(&nonce))),
                 Err(e) => {
                     log::debug!(
                         "ssh {}: no script runner ({e}); one exec per file",
@@ -915,7 +974,7 @@ impl SshSession {
         limit: Duration,
         marker: Option<&str>,
     ) -> Result<ExecOutput, TransferError> {
-        let Some(ch) = self.driver.as_mut() else {
+        let Some((ch, _)) = self.driver.as_mut() else {
             return Err(TransferError::new(ErrorKind::Connect, "no script runner"));
         };
         let secs = limit.as_secs().max(1).to_string();
@@ -930,7 +989,7 @@ impl SshSession {
         let mut scan = Scan::new(marker);
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            let n = match self.driver.as_mut().map(|ch| ch.read(&mut buf)) {
+            let n = match self.driver.as_mut().map(|(ch, _)| ch.read(&mut buf)) {
                 Some(Ok(0)) | None => {
                     return Err(self.fail(
                         ErrorKind::Connect,
@@ -942,7 +1001,12 @@ impl SshSession {
                 Some(Err(e)) => return Err(self.fail(io_kind(&e), "reading script output", &e)),
             };
             scan.feed(&buf[..n]);
-            if let Some(status) = scan.status() {
+            let rc = self
+                .driver
+                .as_ref()
+                .map(|(_, m)| m.as_slice())
+                .unwrap_or_default();
+            if let Some(status) = scan.status(rc) {
                 // a shell reports death by signal N as 128+N
                 let signal = (129..160)
                     .contains(&status)
