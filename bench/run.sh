@@ -19,6 +19,7 @@
 #   BENCH_USER=dsp-bench   login created for the run (and deleted after, if this run created it)
 #   RESULTS_DIR=bench/results   where <date>.md is written
 #   KEEP=1             keep the temp dir (configs, logs, per-run values) for inspection
+#   PERF_DIR=          many: record a system-wide `perf record -a -g` of each tool's run there
 #
 # Needs root (sshd switching users, useradd); installs OpenSSH client+server, time, inotify-tools,
 # lsyncd and sqlite3 with apt-get if one is missing (lsyncd and sqlite3 are optional). Everything
@@ -53,7 +54,7 @@ log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 for w in "${WORKLOADS[@]}"; do
-  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,23p" "$0"; exit 0 ;;
+  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,24p" "$0"; exit 0 ;;
     *) die "unknown workload '$w' (throughput many dropdir scale)" ;; esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
@@ -472,6 +473,13 @@ wl_many() {
       sync
       local c0 t0 t1 rc=0 out=$W/many.$tool.$r stamp
       c0=$(sshd_cpu)
+      local perf_pid=
+      if [ -n "${PERF_DIR:-}" ]; then # a system-wide profile of this run, for `perf report --sort comm`
+        mkdir -p "$PERF_DIR"
+        perf record -q -a -g -F 1000 -o "$PERF_DIR/many.$tool.$r.data" 2>/dev/null &
+        perf_pid=$!
+        sleep 0.5 # perf needs a moment before it records
+      fi
       ctimes a
       t0=$EPOCHREALTIME
       printf -v stamp '%(%Y%m%d_%H%M%S)T' -1
@@ -483,6 +491,7 @@ wl_many() {
       esac
       t1=$EPOCHREALTIME
       ctimes b
+      if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
       local secs c1 ok
       secs=$(calc "$t1 - $t0")
       c1=$(sshd_cpu)

@@ -593,7 +593,7 @@ impl Lane {
                             let script = format!(
                                 "cd -- {} || exit 231; {}",
                                 shell_quote(dir),
-                                wrap_install(cmd, route.install_timeout)
+                                install_step(cmd)
                             );
                             let out = ssh
                                 .run_script(&script, route.install_timeout, None)
@@ -765,11 +765,11 @@ impl Lane {
             )
         })?;
         let script = format!(
-            "cd -- {} && {}",
+            "cd -- {} || exit 231; {}",
             shell_quote(dir),
-            wrap_install(cmd, route.install_timeout)
+            install_step(cmd)
         );
-        let out = ssh.exec(&script, route.install_timeout + Duration::from_secs(15))?;
+        let out = ssh.run_script(&script, route.install_timeout, None)?;
         Ok(InstallResult {
             status: out.status,
             signal: out.signal,
@@ -793,19 +793,12 @@ pub fn temp_name(name: &str) -> String {
     format!(".{clean}.part")
 }
 
-/// The install command, with `sh` semantics, bounded by `install_timeout` on
-/// the host as well (exit 124 when the deadline fires): evaluated in the
-/// script's own subshell when the session's bash script runner enforces the
-/// deadline (the script then runs as `dispatch-bounded`), else under
-/// coreutils `timeout`.
-fn wrap_install(cmd: &str, limit: Duration) -> String {
-    let secs = limit.as_secs().max(1);
-    let inner = shell_quote(cmd);
-    format!(
-        "if [ \"$0\" = dispatch-bounded ]; then eval {inner} </dev/null 2>&1; \
-         elif command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {inner} </dev/null 2>&1; \
-         else exec sh -c {inner} </dev/null 2>&1; fi"
-    )
+/// The install command as the last step of a script: `eval`ed, so a syntax
+/// error in it is the install's failure, not the script's. Scripts run with
+/// `sh` semantics, stdin from /dev/null, stderr merged, bounded by
+/// `install_timeout` on the host (see `SshSession::run_script`).
+fn install_step(cmd: &str) -> String {
+    format!("eval {}", shell_quote(cmd))
 }
 
 /// Verify the temp file, rename it into place, print the marker, then run the
@@ -840,7 +833,7 @@ fn finalize_script(
         "mv -f -- {tmp} {fin} || exit 232; echo {FINALIZED}; "
     ));
     if let Some(cmd) = install {
-        s.push_str(&wrap_install(cmd, route.install_timeout));
+        s.push_str(&install_step(cmd));
     }
     s
 }
@@ -898,16 +891,10 @@ mod tests {
             &[
                 (5, "echo hi; exit 3".into()),
                 (5, "cd /nonexistent/dir || exit 231; echo no".into()),
-                (5, wrap_install("echo inst; exit 5", Duration::from_secs(5))),
-                (1, wrap_install(&slow, Duration::from_secs(1))),
-                (
-                    5,
-                    wrap_install("cat; echo stdin-was-empty", Duration::from_secs(5)),
-                ),
-                (
-                    5,
-                    wrap_install("trap 'echo bye' EXIT; exit 4", Duration::from_secs(5)),
-                ),
+                (5, install_step("echo inst; exit 5")),
+                (1, install_step(&slow)),
+                (5, install_step("cat; echo stdin-was-empty")),
+                (5, install_step("trap 'echo bye' EXIT; exit 4")),
                 (5, "echo after".into()),
                 (5, format!("printf '%s|' {}", shell_quote(tricky))),
             ],

@@ -265,8 +265,8 @@ done"#;
 
 /// The executor under the bash runner: reads a script (see [`BASH_DRIVER`]),
 /// runs it in a subshell with stdin from /dev/null and its output on the
-/// channel (fd 4), and reports its exit status. As `$0` is
-/// `dispatch-bounded`, `job::wrap_install` knows the deadline is enforced.
+/// channel (fd 4), and reports its exit status (`$0` in a script is
+/// `dispatch-bounded`).
 pub const EXECUTOR: &str = r#"nl='
 '
 while IFS= read -r l; do
@@ -280,10 +280,9 @@ while IFS= read -r l; do
 done"#;
 
 /// The fallback runner (no bash): GNU xargs gives each script /dev/null as
-/// stdin; `$1` is the nonce, `$2` (the deadline) is enforced by the
-/// script's own `timeout`.
-pub const XARGS_DRIVER: &str =
-    r#"(eval "$3") 2>&1; r=$?; printf "\n@@dispatch:%s:rc:%s\n" "$1" "$r""#;
+/// stdin; `$1` is the nonce, `$2` the deadline, enforced by coreutils
+/// `timeout` (TERM, KILL 10 s later, status 124) when the host has it.
+pub const XARGS_DRIVER: &str = r#"if command -v timeout >/dev/null 2>&1; then timeout -k 10 "$2" sh -c "$3"; else sh -c "$3"; fi 2>&1; r=$?; printf "\n@@dispatch:%s:rc:%s\n" "$1" "$r""#;
 
 /// How much longer than a script's remote deadline the client waits: the
 /// runner's TERM-then-KILL takes up to 10 s.
@@ -952,7 +951,12 @@ impl SshSession {
                         self.target.addr()
                     );
                     self.watchdog.kick(limit + DRIVER_GRACE);
-                    let cmd = format!("sh -c {}", crate::route::shell_quote(script));
+                    let q = crate::route::shell_quote(script);
+                    let secs = limit.as_secs().max(1);
+                    let cmd = format!(
+                        "if command -v timeout >/dev/null 2>&1; then exec timeout -k 10 {secs} sh -c {q} </dev/null 2>&1; \
+                         else exec sh -c {q} </dev/null 2>&1; fi"
+                    );
                     let r = self.exec_inner(&cmd, marker);
                     self.watchdog.disarm();
                     return r;
