@@ -20,6 +20,10 @@
 #   RESULTS_DIR=bench/results   where <date>.md is written
 #   KEEP=1             keep the temp dir (configs, logs, per-run values) for inspection
 #   PERF_DIR=          many: record a system-wide `perf record -a -g` of each tool's run there
+#   TARGET_FS=ext4     the hosts' home (where every tool writes): a fresh journaled ext4 on a loop
+#                      device, like a server's disk; TARGET_FS=here keeps it on the machine's own
+#                      file system (here an ext4 without a journal, which scans every inode deleted
+#                      in the last minute on each file it creates: a cost that swamps the tools')
 #
 # Needs root (sshd switching users, useradd); installs OpenSSH client+server, time, inotify-tools,
 # lsyncd and sqlite3 with apt-get if one is missing (lsyncd and sqlite3 are optional). Everything
@@ -46,6 +50,7 @@ PORT=${BENCH_PORT:-2422}
 BUSER=${BENCH_USER:-dsp-bench}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 KEEP=${KEEP:-0}
+TARGET_FS=${TARGET_FS:-ext4}
 HOSTS=(127.0.0.2 127.0.0.3 127.0.0.4 127.0.0.5)
 WORKLOADS=("$@")
 [ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(throughput many dropdir scale)
@@ -54,7 +59,7 @@ log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 for w in "${WORKLOADS[@]}"; do
-  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,24p" "$0"; exit 0 ;;
+  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,28p" "$0"; exit 0 ;;
     *) die "unknown workload '$w' (throughput many dropdir scale)" ;; esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
@@ -81,6 +86,8 @@ PIDS=()                       # every long-lived process started here
 SSHD_PIDS=()
 CG=''                         # cpuacct cgroup holding the sshd's (server CPU), if available
 CREATED_USER=0
+MOUNTED=0                     # RHOME is our loop-mounted ext4
+TARGET_DESC="the machine's own file system ($(df -PT /tmp | awk 'NR == 2 { print $2 }'))"
 TICK=$(getconf CLK_TCK)
 exec {NAPFD}<> <(:)           # read -t on this fd = a sleep without a fork
 nap() { read -r -t "$1" -u "$NAPFD" _ || true; }
@@ -105,6 +112,7 @@ cleanup() {
   if [ -n "$CG" ]; then
     for p in $(seq 50); do rmdir "$CG" 2>/dev/null && break; nap 0.1; done
   fi
+  if [ "$MOUNTED" = 1 ]; then umount "$RHOME" 2>/dev/null || umount -l "$RHOME"; fi
   if [ "$KEEP" = 1 ]; then log "kept $W"; else rm -rf "$W"; fi
 }
 trap cleanup EXIT
@@ -197,6 +205,17 @@ setup_hosts() {
   fi
   usermod -p '*' "$BUSER" # not locked ("!"), no password: sshd (UsePAM no) allows key login
   mkdir -p "$RHOME" "$W/ak" "$W/data" "$W/res" "$W/state" "$W/bin"
+  if [ "$TARGET_FS" = ext4 ]; then
+    # sparse: holds the largest workload (the throughput file) with room to spare
+    local gib=$(((SIZE_MB * 2 + 1023) / 1024 + 2))
+    if truncate -s "${gib}G" "$W/target.img" && mkfs.ext4 -q -F "$W/target.img" &&
+      mount -o loop "$W/target.img" "$RHOME"; then
+      MOUNTED=1
+      TARGET_DESC="a fresh journaled ext4 (${gib} GiB loop device)"
+    else
+      log "warning: cannot loop-mount an ext4 image; the hosts write to $TARGET_DESC"
+    fi
+  fi
   chown "$BUSER:" "$RHOME"
   chmod 755 "$RHOME"
   ssh-keygen -q -t ed25519 -N '' -C dsp-bench-host -f "$W/host_ed25519"
@@ -913,6 +932,7 @@ OUT=$RESULTS_DIR/$(date +%Y-%m-%d_%H%M).md
   echo "| OpenSSH | $(ssh -V 2>&1) |"
   echo "| dispatch | $("$DISPATCH_BIN" --version 2>/dev/null), binary sha256 $DISPATCH_SHA…, $DISPATCH_DESC |"
   echo "| hosts | ${#HOSTS[*]} sshd on ${HOSTS[*]}:$PORT, sshd defaults except keys/paths (MaxStartups 10:30:100, MaxSessions 10, UsePAM no) |"
+  echo "| hosts' file system | $TARGET_DESC |"
   echo "| load average | start $START_LOAD, end $(loadavg) (other work was running on the machine) |"
   echo "| runs | $RUNS per workload, tools in rotating order; medians; ratios = median of per-run ratios |"
   cat "$W/report.md"

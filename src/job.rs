@@ -590,11 +590,7 @@ impl Lane {
                     let done = match install {
                         None => None,
                         Some(cmd) => {
-                            let script = format!(
-                                "cd -- {} || exit 231; {}",
-                                shell_quote(dir),
-                                install_step(cmd)
-                            );
+                            let script = install_script(dir, cmd);
                             let out = ssh
                                 .run_script(&script, route.install_timeout, None)
                                 .map_err(|e| {
@@ -764,11 +760,7 @@ impl Lane {
                 ),
             )
         })?;
-        let script = format!(
-            "cd -- {} || exit 231; {}",
-            shell_quote(dir),
-            install_step(cmd)
-        );
+        let script = install_script(dir, cmd);
         let out = ssh.run_script(&script, route.install_timeout, None)?;
         Ok(InstallResult {
             status: out.status,
@@ -799,6 +791,21 @@ pub fn temp_name(name: &str) -> String {
 /// `install_timeout` on the host (see `SshSession::run_script`).
 fn install_step(cmd: &str) -> String {
     format!("eval {}", shell_quote(cmd))
+}
+
+/// `cd` to the upload's directory and install; tagged to run without a
+/// subshell when the install is one plain external command.
+fn install_script(dir: &str, cmd: &str) -> String {
+    let tag = if crate::route::is_simple_command(cmd) {
+        crate::transport::ssh::IN_PLACE
+    } else {
+        ""
+    };
+    format!(
+        "{tag}cd -- {} || exit 231; {}",
+        shell_quote(dir),
+        install_step(cmd)
+    )
 }
 
 /// Verify the temp file, rename it into place, print the marker, then run the
@@ -879,6 +886,7 @@ mod tests {
     /// the install deadline (124, and the install's process is gone), and a
     /// file name that looks like the runner's framing.
     fn check_runner(runner: &str) {
+        use crate::transport::ssh::IN_PLACE;
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         // the pid of the process that outlives the deadline unless killed
@@ -897,6 +905,20 @@ mod tests {
                 (5, install_step("trap 'echo bye' EXIT; exit 4")),
                 (5, "echo after".into()),
                 (5, format!("printf '%s|' {}", shell_quote(tricky))),
+                // scripts run in the runner's own shell: a failing `cd`
+                // ends it, the next script still runs; the deadline holds
+                (
+                    5,
+                    format!("{IN_PLACE}cd /nonexistent/dir || exit 231; echo no"),
+                ),
+                (
+                    5,
+                    format!(
+                        "{IN_PLACE}cd /tmp || exit 231; eval 'sh -c \"echo in-place; exit 6\"'"
+                    ),
+                ),
+                (1, format!("{IN_PLACE}sleep 30")),
+                (5, format!("{IN_PLACE}cd / || exit 231; eval pwd")),
             ],
         );
         assert!(
@@ -904,7 +926,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
-        assert_eq!(res.len(), 8, "{res:?}");
+        assert_eq!(res.len(), 12, "{res:?}");
         assert_eq!((res[0].0.trim(), res[0].1), ("hi", 3));
         assert_eq!(res[1].1, 231);
         assert!(!res[1].0.lines().any(|l| l == "no"), "{res:?}");
@@ -921,6 +943,11 @@ mod tests {
             (res[7].0.as_str(), res[7].1),
             (format!("{tricky}|").as_str(), 0)
         );
+        assert_eq!(res[8].1, 231, "{res:?}");
+        assert!(!res[8].0.lines().any(|l| l == "no"), "{res:?}");
+        assert_eq!((res[9].0.trim(), res[9].1), ("in-place", 6));
+        assert_eq!(res[10].1, 124, "{res:?}");
+        assert_eq!((res[11].0.trim(), res[11].1), ("/", 0));
         let pid = std::fs::read_to_string(&pidfile).unwrap();
         let proc_dir = format!("/proc/{}", pid.trim());
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -936,7 +963,24 @@ mod tests {
     #[test]
     fn bash_script_runner_bounds_installs_without_extra_processes() {
         // bash is installed here, so the session's command picks this runner
-        check_runner(&crate::transport::ssh::driver_command("n0nce"));
+        let runner = crate::transport::ssh::driver_command("n0nce");
+        check_runner(&runner);
+        // in-place scripts share the executor (no fork each), others do not
+        let ppid = "sh -c 'echo $PPID'; true";
+        let inp = format!("{}{ppid}", crate::transport::ssh::IN_PLACE);
+        let res = run_runner(
+            &runner,
+            &[
+                (5, inp.clone()),
+                (5, inp),
+                (5, ppid.into()),
+                (5, ppid.into()),
+            ],
+        );
+        let p: Vec<&str> = res.iter().map(|(o, _)| o.trim()).collect();
+        assert_eq!(p[0], p[1], "{res:?}");
+        assert_ne!(p[2], p[3], "{res:?}");
+        assert_ne!(p[0], p[2], "{res:?}");
     }
 
     #[test]

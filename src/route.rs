@@ -59,6 +59,96 @@ pub fn shell_quote(s: &str) -> String {
     out
 }
 
+/// Is `cmd` one external command with plain arguments and redirections, so
+/// running it cannot change the shell that runs it? (`tar xzf 'a b.tgz' -C
+/// /opt`, `sha256sum x > x.installed`: yes. Lists, pipes, expansions,
+/// assignments, builtins and keywords: no.) The script runner runs such
+/// commands without a subshell of their own, which saves a fork per file.
+pub fn is_simple_command(cmd: &str) -> bool {
+    const SHELL_WORDS: &[&str] = &[
+        "!", ".", ":", "[", "alias", "bg", "break", "case", "cd", "chdir", "command", "continue",
+        "do", "done", "echo", "elif", "else", "esac", "eval", "exec", "exit", "export", "false",
+        "fc", "fg", "fi", "for", "function", "getopts", "hash", "if", "in", "jobs", "kill",
+        "local", "printf", "pwd", "read", "readonly", "return", "select", "set", "shift", "test",
+        "then", "times", "trap", "true", "type", "ulimit", "umask", "unalias", "unset", "until",
+        "wait", "while",
+    ];
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_./,:+@%=^~-".contains(c);
+    let b: Vec<char> = cmd.chars().collect();
+    let mut i = 0;
+    let mut words = 0;
+    // one word at b[i..]: unquoted safe characters, '…', and "…" without
+    // `$`, `` ` `` or `\`; returns its end and its unquoted text, if valid
+    let word = |mut i: usize| -> Option<(usize, String, bool)> {
+        let (start, mut quoted) = (i, false);
+        while i < b.len() {
+            match b[i] {
+                '\'' => {
+                    let end = b[i + 1..].iter().position(|&c| c == '\'')?;
+                    i += end + 2;
+                    quoted = true;
+                }
+                '"' => {
+                    let end = b[i + 1..].iter().position(|&c| c == '"')?;
+                    if b[i + 1..i + 1 + end].iter().any(|c| "$`\\".contains(*c)) {
+                        return None;
+                    }
+                    i += end + 2;
+                    quoted = true;
+                }
+                c if plain(c) => i += 1,
+                ' ' | '\t' | '<' | '>' => break,
+                _ => return None,
+            }
+        }
+        (i > start).then(|| (i, b[start..i].iter().collect(), quoted))
+    };
+    while i < b.len() {
+        match b[i] {
+            ' ' | '\t' => i += 1,
+            '<' | '>' => {
+                // `>`, `>>`, `<`, `>&N`, each followed by its target
+                if b.get(i + 1) == Some(&'&') {
+                    if !b.get(i + 2).is_some_and(|c| c.is_ascii_digit()) {
+                        return false;
+                    }
+                    i += 3;
+                    continue;
+                }
+                i += if b[i] == '>' && b.get(i + 1) == Some(&'>') {
+                    2
+                } else {
+                    1
+                };
+                while b.get(i).is_some_and(|c| *c == ' ' || *c == '\t') {
+                    i += 1;
+                }
+                match word(i) {
+                    Some((end, _, _)) => i = end,
+                    None => return false,
+                }
+            }
+            c if c.is_ascii_digit() && matches!(b.get(i + 1), Some('<' | '>')) => i += 1,
+            _ => {
+                let Some((end, text, quoted)) = word(i) else {
+                    return false;
+                };
+                if words == 0
+                    && (quoted
+                        || text.contains('=')
+                        || text.starts_with('-')
+                        || SHELL_WORDS.contains(&text.as_str()))
+                {
+                    return false;
+                }
+                words += 1;
+                i = end;
+            }
+        }
+    }
+    words > 0
+}
+
 /// Replace `{placeholders}`; each value goes through `quote`. `{{`/`}}` are literal braces.
 pub fn expand(
     template: &str,
@@ -182,6 +272,57 @@ pub fn remote_join(dir: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn simple_commands_are_told_apart_from_anything_that_could_change_the_shell() {
+        for cmd in [
+            "sha256sum pkg.tgz > pkg.tgz.installed",
+            "tar xzf 'a b;$(rm -rf ~).tgz' -C /opt/app",
+            "dpkg -i x.deb 2>&1",
+            "/opt/bin/install --force \"x y\" >>log 2> err <in",
+        ] {
+            assert!(is_simple_command(cmd), "{cmd}");
+        }
+        for cmd in [
+            "",
+            "   ",
+            "a; b",
+            "a && b",
+            "a | b",
+            "a &",
+            "(a)",
+            "{ a; }",
+            "exit 3",
+            "exec foo",
+            "cd /tmp",
+            "set -e",
+            "trap x EXIT",
+            "read x",
+            "umask 0",
+            ". ./env",
+            "X=1 foo",
+            "'foo' bar",
+            "foo $HOME",
+            "foo \"$HOME\"",
+            "foo `id`",
+            "foo \\x",
+            "foo 'unclosed",
+            "foo <<EOF",
+            "foo >&",
+            "foo >",
+            "foo *.tgz",
+            "if true",
+            "foo\nbar",
+            "foo # comment",
+            "a'\\''b",
+        ] {
+            assert!(!is_simple_command(cmd), "{cmd:?}");
+        }
+        // every quoted name keeps a command simple, unless it holds a quote
+        let vars = BTreeMap::from([("name".to_string(), "a b;$(x)`y`\"z\"".to_string())]);
+        let cmd = expand("sha256sum {name} > {name}.installed", &vars, shell_quote);
+        assert!(is_simple_command(&cmd), "{cmd}");
+    }
     use crate::config::Config;
     use chrono::TimeZone;
 

@@ -246,12 +246,13 @@ fn fresh_nonce() -> String {
 /// with coreutils `timeout`, and a new executor starts. fd 4 is the
 /// channel, where scripts write their output; fd 3 is a pipe to itself,
 /// to sleep on without a `sleep` process.
-pub const BASH_DRIVER: &str = r#"set -m; exec 4>&1 3<> <(:); m=$1; e=$2; nl=$'\n'
+pub const BASH_DRIVER: &str = r##"set -m; exec 4>&1 3<> <(:); m=$1; e=$2; nl=$'\n'
 up() { coproc EX { exec sh -c "$e" dispatch-bounded 3>&-; }; g=$EX_PID; i=${EX[0]}; o=${EX[1]}; }
 up
 while IFS= read -r -d "" t && IFS= read -r -d "" s; do
   [ -n "${EX_PID-}" ] || up
-  printf '>%s\n.\n' "${s//"$nl"/"$nl>"}" >&"$o"
+  case $s in "#dispatch:in-place$nl"*) z=+ ;; *) z=. ;; esac
+  printf '>%s\n%s\n' "${s//"$nl"/"$nl>"}" "$z" >&"$o"
   if IFS= read -r -t "$t" -u "$i" rc; then :
   elif [ $? -gt 128 ]; then
     rc=124; kill -TERM -- "-$g" 2>/dev/null
@@ -261,12 +262,14 @@ while IFS= read -r -d "" t && IFS= read -r -d "" s; do
     wait "$g" 2>/dev/null; rc=$?; kill -KILL -- "-$g" 2>/dev/null; up
   fi
   printf '\n@@dispatch:%s:rc:%s\n' "$m" "$rc"
-done"#;
+done"##;
 
 /// The executor under the bash runner: reads a script (see [`BASH_DRIVER`]),
 /// runs it in a subshell with stdin from /dev/null and its output on the
 /// channel (fd 4), and reports its exit status (`$0` in a script is
-/// `dispatch-bounded`).
+/// `dispatch-bounded`). A script tagged [`IN_PLACE`] (ended by `+`) runs
+/// without the subshell: its `exit` ends the executor, whose status bash
+/// then reports before starting a new one.
 pub const EXECUTOR: &str = r#"nl='
 '
 while IFS= read -r l; do
@@ -275,9 +278,15 @@ while IFS= read -r l; do
     case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac
     IFS= read -r l || exit 0
   done
-  ( eval "$s" ) </dev/null >&4 2>&1 4>&-
+  if [ "$l" = + ]; then eval "$s" </dev/null >&4 2>&1 4>&-
+  else ( eval "$s" ) </dev/null >&4 2>&1 4>&-; fi
   echo "$?"
 done"#;
+
+/// First line of a script that may run in the runner's own shell rather than
+/// a subshell: it only `cd`s, `exit`s, and runs one external command (see
+/// `route::is_simple_command`). A comment, so any `sh` may run it as is.
+pub const IN_PLACE: &str = "#dispatch:in-place\n";
 
 /// The fallback runner (no bash): GNU xargs gives each script /dev/null as
 /// stdin; `$1` is the nonce, `$2` the deadline, enforced by coreutils
