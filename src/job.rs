@@ -853,9 +853,9 @@ mod tests {
     /// runner`, as the SSH session does, and split what it prints into
     /// `(output, status)` per job.
     fn run_runner(runner: &str, jobs: &[(u64, String)]) -> Vec<(String, i32)> {
-        let marker = String::from_utf8(crate::transport::ssh::rc_marker("n0nce")).unwrap();
-        use std::io::Write;
+        use std::io::{Read, Write};
         use std::process::{Command, Stdio};
+        let marker = crate::transport::ssh::rc_marker("n0nce");
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(runner)
@@ -864,21 +864,39 @@ mod tests {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut input = Vec::new();
-        for (secs, script) in jobs {
-            input.extend_from_slice(format!("{secs}\0{script}\0").as_bytes());
-        }
-        child.stdin.take().unwrap().write_all(&input).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        let mut parts: Vec<&str> = text.split(marker.as_str()).collect();
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
         let mut res = Vec::new();
-        let mut output = parts.remove(0).to_string();
-        for p in parts {
-            let (rc, rest) = p.split_once('\n').unwrap();
-            res.push((output, rc.parse().unwrap()));
-            output = rest.to_string();
+        let mut pending: Vec<u8> = Vec::new();
+        // as the session does: the next script only after the last status
+        for (secs, script) in jobs {
+            stdin
+                .write_all(&crate::transport::ssh::frame_job(*secs, script))
+                .unwrap();
+            loop {
+                let found = pending
+                    .windows(marker.len())
+                    .position(|w| w == marker.as_slice());
+                if let Some(p) = found {
+                    let rest = &pending[p + marker.len()..];
+                    if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                        let rc = String::from_utf8_lossy(&rest[..nl]).parse().unwrap();
+                        let out = String::from_utf8_lossy(&pending[..p]).into_owned();
+                        res.push((out, rc));
+                        pending.drain(..p + marker.len() + nl + 1);
+                        break;
+                    }
+                }
+                let mut buf = [0u8; 4096];
+                let n = stdout.read(&mut buf).unwrap();
+                assert!(n > 0, "runner ended early: {res:?}");
+                pending.extend_from_slice(&buf[..n]);
+            }
         }
+        drop(stdin);
+        stdout.read_to_end(&mut pending).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert!(pending.is_empty(), "{pending:?}");
         res
     }
 
@@ -984,12 +1002,41 @@ mod tests {
     }
 
     #[test]
-    fn xargs_script_runner_bounds_installs_with_timeout() {
+    fn sh_script_runner_bounds_installs_with_timeout() {
         let runner = format!(
-            "exec xargs -0 -n 2 sh -c {} dispatch-driver n0nce",
-            shell_quote(crate::transport::ssh::XARGS_DRIVER)
+            "exec sh -c {} dispatch-driver n0nce",
+            shell_quote(crate::transport::ssh::SH_DRIVER)
         );
         check_runner(&runner);
+    }
+
+    #[test]
+    fn a_script_cut_short_by_the_end_of_input_never_runs() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("ran");
+        let script = format!("touch {}", shell_quote(flag.to_str().unwrap()));
+        let mut job = crate::transport::ssh::frame_job(5, &script);
+        job.truncate(job.len() - 2); // without its end line
+        let sh_runner = format!(
+            "exec sh -c {} dispatch-driver n0nce",
+            shell_quote(crate::transport::ssh::SH_DRIVER)
+        );
+        for runner in [crate::transport::ssh::driver_command("n0nce"), sh_runner] {
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(&runner)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(&job).unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            assert!(out.stdout.is_empty(), "{out:?}");
+            assert!(!flag.exists(), "{runner}");
+        }
     }
 
     #[test]

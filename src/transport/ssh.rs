@@ -185,17 +185,18 @@ pub struct SshSession {
     sftp: Option<Result<ssh2::Sftp, ()>>,
 }
 
-/// The session's script runner: reads `SECONDS\0SCRIPT\0` pairs from stdin
-/// and runs each script, printing a status line after it. One remote process
-/// per session instead of one login shell per file.
+/// The session's script runner: reads framed scripts from stdin (see
+/// [`frame_job`]) and runs each, printing a status line after it. One remote
+/// process per session instead of one login shell per file.
 ///
-/// With bash on the host ([`BASH_DRIVER`]) the runner enforces each script's
-/// deadline itself and hands the script to a persistent `sh` ([`EXECUTOR`],
-/// as `dispatch-bounded`), which runs it in a subshell: per file one `sh`
-/// fork, no `timeout`, no shell exec. Without bash, GNU xargs runs one `sh`
-/// per script ([`XARGS_DRIVER`]) and the script bounds its install with
-/// coreutils `timeout`. The runners are passed as quoted arguments, so the
-/// login shell only ever sees a plain `exec sh -c ARG NAME ARG ARG ARG`.
+/// With bash on the host ([`BASH_DRIVER`]) a persistent `sh` ([`EXECUTOR`],
+/// as `dispatch-bounded`) reads the scripts and runs each in a subshell —
+/// or, for a script tagged [`IN_PLACE`], in its own shell — while bash only
+/// keeps the deadline: per file at most one `sh` fork, no `timeout`, no
+/// shell exec. Without bash a plain `sh` loop ([`SH_DRIVER`]) runs each
+/// script with `sh -c` under coreutils `timeout`. The runners are passed as
+/// quoted arguments, so the login shell only ever sees a plain `exec sh -c
+/// ARG NAME ARG ARG ARG ARG`.
 ///
 /// Each status line carries `nonce` (random per runner, see [`rc_marker`]),
 /// so an install printing something that looks like one cannot end its
@@ -205,13 +206,33 @@ pub fn driver_command(nonce: &str) -> String {
     format!(
         "exec sh -c {} dispatch-sh {} {} {} {}",
         shell_quote(
-            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$4" "$3"; fi; exec xargs -0 -n 2 sh -c "$2" dispatch-driver "$4""#
+            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$4" "$3"; fi; exec sh -c "$2" dispatch-driver "$4""#
         ),
         shell_quote(BASH_DRIVER),
-        shell_quote(XARGS_DRIVER),
+        shell_quote(SH_DRIVER),
         shell_quote(EXECUTOR),
         shell_quote(nonce),
     )
+}
+
+/// One script as the runners read it: a line with the deadline in seconds,
+/// each line of the script prefixed with `>`, then `.` — or `+` for a
+/// script tagged [`IN_PLACE`] (the tag itself is not sent). No line of a
+/// script, a quoted file name with newlines included, can end it early.
+pub fn frame_job(secs: u64, script: &str) -> Vec<u8> {
+    let (body, end) = match script.strip_prefix(IN_PLACE) {
+        Some(body) => (body, b'+'),
+        None => (script, b'.'),
+    };
+    let mut job = Vec::with_capacity(body.len() + 32);
+    job.extend_from_slice(format!("{}\n", secs.max(1)).as_bytes());
+    for line in body.split('\n') {
+        job.push(b'>');
+        job.extend_from_slice(line.as_bytes());
+        job.push(b'\n');
+    }
+    job.extend_from_slice(&[end, b'\n']);
+    job
 }
 
 /// What the runner prints before a script's status: `\n@@dispatch:NONCE:rc:`.
@@ -236,23 +257,20 @@ fn fresh_nonce() -> String {
     hex(&b)
 }
 
-/// The bash runner (`$1` = the status marker's nonce, `$2` = [`EXECUTOR`]). The executor is a coprocess in a
-/// process group of its own (`set -m`); each script goes to it as lines
-/// prefixed with `>` and ended by a line `.` (so no line of a script, a
-/// quoted file name with newlines included, can end it early), and its
-/// status comes back on the coprocess pipe, read with `read -t` = a wait
-/// with a deadline. At the deadline the executor's group (it and the
-/// script's processes) gets TERM, 10 s later KILL, the status is 124, as
-/// with coreutils `timeout`, and a new executor starts. fd 4 is the
-/// channel, where scripts write their output; fd 3 is a pipe to itself,
-/// to sleep on without a `sleep` process.
-pub const BASH_DRIVER: &str = r##"set -m; exec 4>&1 3<> <(:); m=$1; e=$2; nl=$'\n'
-up() { coproc EX { exec sh -c "$e" dispatch-bounded 3>&-; }; g=$EX_PID; i=${EX[0]}; o=${EX[1]}; }
+/// The bash runner (`$1` = the status marker's nonce, `$2` = [`EXECUTOR`]).
+/// The executor is a coprocess in a process group of its own (`set -m`)
+/// reading the channel (fd 5, bash's stdin) and writing the scripts' output
+/// to it (fd 4); it tells bash the deadline when a script starts and its
+/// status when it ends, on the coprocess pipe. bash waits for the status
+/// with `read -t` (a wait with a deadline, no `sleep` process). At the
+/// deadline the executor's group (it and the script's processes) gets TERM,
+/// 10 s later KILL, the status is 124, as with coreutils `timeout`, and a
+/// new executor reads on: the client sends the next script only after this
+/// status, so nothing of it was read. fd 3 is a pipe to itself, to sleep on.
+pub const BASH_DRIVER: &str = r#"set -m; exec 4>&1 5<&0 3<> <(:) </dev/null; m=$1; e=$2
+up() { coproc EX { exec sh -c "$e" dispatch-bounded <&5 5<&- 3>&-; }; g=$EX_PID; i=${EX[0]}; }
 up
-while IFS= read -r -d "" t && IFS= read -r -d "" s; do
-  [ -n "${EX_PID-}" ] || up
-  case $s in "#dispatch:in-place$nl"*) z=+ ;; *) z=. ;; esac
-  printf '>%s\n%s\n' "${s//"$nl"/"$nl>"}" "$z" >&"$o"
+while IFS= read -r -u "$i" t; do
   if IFS= read -r -t "$t" -u "$i" rc; then :
   elif [ $? -gt 128 ]; then
     rc=124; kill -TERM -- "-$g" 2>/dev/null
@@ -262,22 +280,21 @@ while IFS= read -r -d "" t && IFS= read -r -d "" s; do
     wait "$g" 2>/dev/null; rc=$?; kill -KILL -- "-$g" 2>/dev/null; up
   fi
   printf '\n@@dispatch:%s:rc:%s\n' "$m" "$rc"
-done"##;
+done"#;
 
-/// The executor under the bash runner: reads a script (see [`BASH_DRIVER`]),
-/// runs it in a subshell with stdin from /dev/null and its output on the
-/// channel (fd 4), and reports its exit status (`$0` in a script is
-/// `dispatch-bounded`). A script tagged [`IN_PLACE`] (ended by `+`) runs
-/// without the subshell: its `exit` ends the executor, whose status bash
-/// then reports before starting a new one.
+/// The executor under the bash runner: reads a script (see [`frame_job`]),
+/// reports its deadline to bash, runs it with stdin from /dev/null and its
+/// output on the channel (fd 4) and reports its exit status (`$0` in a
+/// script is `dispatch-bounded`). A script ended by `+` runs without a
+/// subshell: its `exit` ends the executor, whose status bash then reports
+/// before starting a new one. A script cut short (end of input) never runs.
 pub const EXECUTOR: &str = r#"nl='
 '
-while IFS= read -r l; do
+while IFS= read -r t; do
   s=
-  while :; do
-    case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac
-    IFS= read -r l || exit 0
-  done
+  while IFS= read -r l; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
+  case $l in . | +) ;; *) exit 0 ;; esac
+  echo "$t"
   if [ "$l" = + ]; then eval "$s" </dev/null >&4 2>&1 4>&-
   else ( eval "$s" ) </dev/null >&4 2>&1 4>&-; fi
   echo "$?"
@@ -285,13 +302,22 @@ done"#;
 
 /// First line of a script that may run in the runner's own shell rather than
 /// a subshell: it only `cd`s, `exit`s, and runs one external command (see
-/// `route::is_simple_command`). A comment, so any `sh` may run it as is.
+/// `route::is_simple_command`).
 pub const IN_PLACE: &str = "#dispatch:in-place\n";
 
-/// The fallback runner (no bash): GNU xargs gives each script /dev/null as
-/// stdin; `$1` is the nonce, `$2` the deadline, enforced by coreutils
-/// `timeout` (TERM, KILL 10 s later, status 124) when the host has it.
-pub const XARGS_DRIVER: &str = r#"if command -v timeout >/dev/null 2>&1; then timeout -k 10 "$2" sh -c "$3"; else sh -c "$3"; fi 2>&1; r=$?; printf "\n@@dispatch:%s:rc:%s\n" "$1" "$r""#;
+/// The fallback runner (no bash; `$1` = the nonce): one `sh -c` per script,
+/// stdin from /dev/null, the deadline enforced by coreutils `timeout`
+/// (TERM, KILL 10 s later, status 124) when the host has it.
+pub const SH_DRIVER: &str = r#"nl='
+'
+while IFS= read -r t; do
+  s=
+  while IFS= read -r l; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
+  case $l in . | +) ;; *) exit 0 ;; esac
+  if command -v timeout >/dev/null 2>&1; then timeout -k 10 "$t" sh -c "$s" </dev/null 2>&1
+  else sh -c "$s" </dev/null 2>&1; fi
+  printf '\n@@dispatch:%s:rc:%s\n' "$1" "$?"
+done"#;
 
 /// How much longer than a script's remote deadline the client waits: the
 /// runner's TERM-then-KILL takes up to 10 s.
@@ -990,12 +1016,13 @@ impl SshSession {
         let Some((ch, _)) = self.driver.as_mut() else {
             return Err(TransferError::new(ErrorKind::Connect, "no script runner"));
         };
-        let secs = limit.as_secs().max(1).to_string();
-        let mut job = Vec::with_capacity(secs.len() + script.len() + 2);
-        job.extend_from_slice(secs.as_bytes());
-        job.push(0);
-        job.extend_from_slice(script.as_bytes());
-        job.push(0);
+        if script.contains('\0') {
+            return Err(TransferError::new(
+                ErrorKind::Local,
+                "a script with a NUL byte cannot be run",
+            ));
+        }
+        let job = frame_job(limit.as_secs(), script);
         if let Err(e) = ch.write_all(&job).and_then(|_| ch.flush()) {
             return Err(self.fail(io_kind(&e), "sending script", &e));
         }

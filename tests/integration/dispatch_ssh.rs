@@ -900,14 +900,13 @@ fn a_host_without_sftp_gets_the_same_verify_rename_and_install_through_a_shell()
 }
 
 #[test]
-fn a_host_without_bash_gets_the_xargs_runner_and_its_installs_are_still_bounded() {
+fn a_host_without_bash_gets_the_sh_runner_and_its_installs_are_still_bounded() {
     let ws = Workspace::new();
     // the session's PATH holds only what the fallback needs: no bash
     let bin = ws.path().join("nobash-bin");
     fs::create_dir_all(&bin).unwrap();
     for tool in [
         "sh",
-        "xargs",
         "timeout",
         "scp",
         "mkdir",
@@ -949,7 +948,7 @@ fn a_host_without_bash_gets_the_xargs_runner_and_its_installs_are_still_bounded(
             kh.display(),
             remote.display(),
         ));
-        // which shell ran the install: `sh` under the xargs runner's
+        // which shell ran the install: `sh` under the sh runner's
         // `timeout … sh -c`, `dispatch-bounded` under the bash runner
         cfg.push_str(
             "install_command = if [ {name} = b-slow ]; then sleep 30; fi; echo \"$0\" > {name}.shell\ninstall_timeout = 2s\n",
