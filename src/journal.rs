@@ -505,6 +505,8 @@ impl Journal {
         }
         conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(|e| sql_err("set pragmas", e))?;
+        // every statement run per file stays prepared
+        conn.set_prepared_statement_cache_capacity(32);
         migrate(&mut conn).map_err(|cause| JournalError {
             path: path.clone(),
             op: "prepare schema".into(),
@@ -550,9 +552,11 @@ impl Journal {
         let run = |conn: &mut Connection| -> rusqlite::Result<i64> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let existing: Option<i64> = tx
-                .query_row(
+                .prepare_cached(
                     "SELECT id FROM package
                      WHERE path = ?1 AND size = ?2 AND mtime_ns = ?3 AND sha256 = ?4",
+                )?
+                .query_row(
                     params![
                         path_bytes(&id.path),
                         to_i64(id.size),
@@ -576,26 +580,26 @@ impl Journal {
                 _ => (None, None, None, None),
             };
             let (created, _) = now();
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO package (path, path_text, name, size, mtime_ns, sha256, section,
                                       source, vcs, repo, rev, author, created)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    path_bytes(&id.path),
-                    id.path.to_string_lossy(),
-                    base_name(&id.path),
-                    to_i64(id.size),
-                    id.mtime_ns,
-                    id.sha256,
-                    section,
-                    source.kind(),
-                    vcs,
-                    repo,
-                    rev,
-                    author,
-                    created,
-                ],
-            )?;
+            )?
+            .execute(params![
+                path_bytes(&id.path),
+                id.path.to_string_lossy(),
+                base_name(&id.path),
+                to_i64(id.size),
+                id.mtime_ns,
+                id.sha256,
+                section,
+                source.kind(),
+                vcs,
+                repo,
+                rev,
+                author,
+                created,
+            ])?;
             let pkg = tx.last_insert_rowid();
             tx.commit()?;
             Ok(pkg)
@@ -672,9 +676,7 @@ impl Journal {
         let mut conn = self.conn();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let prev: Option<(String, i64, i64)> = tx
-                .query_row(
-                    "SELECT state, attempts, run_base FROM delivery WHERE package = ?1 AND host = ?2",
+            let prev: Option<(String, i64, i64)> = tx.prepare_cached("SELECT state, attempts, run_base FROM delivery WHERE package = ?1 AND host = ?2")?.query_row(
                     params![pkg, host],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
@@ -730,45 +732,42 @@ impl Journal {
                      elapsed_ms = coalesce(excluded.elapsed_ms, elapsed_ms),
                      updated = excluded.updated, updated_ms = excluded.updated_ms"
             };
-            tx.execute(
-                sql,
-                params![
-                    pkg,
-                    host,
-                    state.as_str(),
-                    attempts,
-                    run_base,
-                    detail.transport,
-                    detail.fallback_reason,
-                    detail.remote_path,
-                    detail.exit_status,
-                    detail.output_tail,
-                    detail.error,
-                    elapsed,
-                    time,
-                    time_ms,
-                ],
-            )?;
-            tx.execute(
+            tx.prepare_cached(sql)?.execute(params![
+                pkg,
+                host,
+                state.as_str(),
+                attempts,
+                run_base,
+                detail.transport,
+                detail.fallback_reason,
+                detail.remote_path,
+                detail.exit_status,
+                detail.output_tail,
+                detail.error,
+                elapsed,
+                time,
+                time_ms,
+            ])?;
+            tx.prepare_cached(
                 "INSERT INTO event (package, host, state, time, time_ms, attempt, transport,
                      fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    pkg,
-                    host,
-                    state.as_str(),
-                    time,
-                    time_ms,
-                    detail.attempt,
-                    detail.transport,
-                    detail.fallback_reason,
-                    detail.remote_path,
-                    detail.exit_status,
-                    detail.output_tail,
-                    detail.error,
-                    elapsed,
-                ],
-            )?;
+            )?
+            .execute(params![
+                pkg,
+                host,
+                state.as_str(),
+                time,
+                time_ms,
+                detail.attempt,
+                detail.transport,
+                detail.fallback_reason,
+                detail.remote_path,
+                detail.exit_status,
+                detail.output_tail,
+                detail.error,
+                elapsed,
+            ])?;
             tx.commit()
         };
         run(&mut conn).map_err(self.err(op))
