@@ -2,15 +2,18 @@
 # bench/run.sh - dispatch against the tools operators use today, measured in the same run,
 # on throwaway OpenSSH "hosts" on loopback (127.0.0.2-5, one sshd each, own port and user).
 #
-#   bench/run.sh [WORKLOAD...]      workloads: throughput many dropdir scale  (default: all four)
+#   bench/run.sh [WORKLOAD...]      workloads: throughput many dropdir scale wan  (default: the first four)
 #
 # Environment (defaults):
 #   RUNS=3             repetitions per workload; medians are reported
 #   SIZE_MB=1024       throughput: size of the random file (MiB)
 #   NFILES=200 FILE_KB=100   many: number and size (KiB) of the packages, sent to 4 hosts
 #   SCALE_FILES=100000 scale: files in the drop dir
+#   WAN_FILES=200 WAN_RTTS="25 100"   wan: packages (FILE_KB each) to 4 hosts, each through a
+#                      delaying TCP proxy (bench/delayproxy.py) with these round trips in ms
 #   LEGACY_TIMEOUT=600 many: the legacy flood is cut off (and its leftovers counted failed) after this many s
 #   LEGACY_RUNS=$RUNS  many: runs of the legacy flood (minutes each at full size; it loads the machine)
+#   MANY_TOOLS="dispatch perhost mux"   many: the tools to run (legacy is added by LEGACY_RUNS)
 #   LSYNCD_DELAYS="0 15"   dropdir: lsyncd `delay` settings to measure (15 is lsyncd's default)
 #   DISPATCH_JOBS=8 DISPATCH_SESSIONS=2   dispatch's `jobs` and `max_sessions_per_host` (its defaults)
 #   DISPATCH_BIN=      a dispatch binary to use; default: `cargo build --release` in the repo
@@ -47,6 +50,8 @@ LSYNCD_DELAYS=${LSYNCD_DELAYS:-0 15}
 D_JOBS=${DISPATCH_JOBS:-8}            # dispatch's defaults
 D_SESSIONS=${DISPATCH_SESSIONS:-2}
 PORT=${BENCH_PORT:-2422}
+WAN_FILES=${WAN_FILES:-200}
+WAN_RTTS=${WAN_RTTS:-25 100}
 BUSER=${BENCH_USER:-dsp-bench}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 KEEP=${KEEP:-0}
@@ -59,8 +64,8 @@ log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 for w in "${WORKLOADS[@]}"; do
-  case $w in throughput | many | dropdir | scale) ;; -h | --help) sed -n "2,28p" "$0"; exit 0 ;;
-    *) die "unknown workload '$w' (throughput many dropdir scale)" ;; esac
+  case $w in throughput | many | dropdir | scale | wan) ;; -h | --help) sed -n "2,30p" "$0"; exit 0 ;;
+    *) die "unknown workload '$w' (throughput many dropdir scale wan)" ;; esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
@@ -441,16 +446,22 @@ run_mux() { # stamp files...
 }
 
 run_perhost() { # stamp files... ; per host: one mkdir, one scp of all files, one ssh running all installs
-  local stamp=$1 h; shift
+  perhost_to many SSH_OPTS "$@"
+}
+
+perhost_to() { # dir-under-home ssh-options-array-name stamp files...
+  local base=$1 stamp=$3 h
+  local -n opts=$2
+  shift 3
   local names=() f jobs=()
   for f in "$@"; do names+=("${f##*/}"); done
   for h in "${HOSTS[@]}"; do
     # shellcheck disable=SC2029 # expanded here on purpose
     (
-      d=$RHOME/many/$h/$stamp
-      ssh "${SSH_OPTS[@]}" "$h" "mkdir -p $d" &&
-        scp -q "${SSH_OPTS[@]}" "$@" "$h:$d/" &&
-        ssh "${SSH_OPTS[@]}" "$h" "cd $d && for n in ${names[*]}; do sha256sum \$n > \$n.installed; done"
+      d=$RHOME/$base/$h/$stamp
+      ssh "${opts[@]}" "$h" "mkdir -p $d" &&
+        scp -q "${opts[@]}" "$@" "$h:$d/" &&
+        ssh "${opts[@]}" "$h" "cd $d && for n in ${names[*]}; do sha256sum \$n > \$n.installed; done"
     ) &
     jobs+=($!)
   done
@@ -480,12 +491,15 @@ wl_many() {
   (cd "$dir" && sha256sum pkg-*.tgz) >"$W/data/many.sha256"
   write_many_helpers
   local hosts_csv; hosts_csv=$(printf '%s, ' "${HOSTS[@]}"); hosts_csv=${hosts_csv%, }
-  dispatch_config "$W/many.ini" 'pkg-' "$hosts_csv" "$RHOME/many/{host}/%Y%m%d_%H%M%S" 'sha256sum {name} > {name}.installed'
+  # dest_dir relative to the login's home (`~/…`, resolved on the host), as the
+  # default `~/newcx/%Y%m%d_%H%M%S` is; {host} because the four hosts share one
+  # user and home here
+  dispatch_config "$W/many.ini" 'pkg-' "$hosts_csv" "~/many/{host}/%Y%m%d_%H%M%S" 'sha256sum {name} > {name}.installed'
   install -d -o "$BUSER" "$RHOME/many"
   local load0; load0=$(loadavg)
   local r tool
   for ((r = 1; r <= RUNS; r++)); do
-    local tools=(dispatch perhost mux)
+    local tools=(${MANY_TOOLS:-dispatch perhost mux}) # MANY_TOOLS: a subset, for quick comparisons
     [ "$r" -le "$LEGACY_RUNS" ] && tools+=(legacy)
     for tool in $(rotate $((r - 1)) "${tools[@]}"); do
       find "$RHOME/many" -mindepth 1 -delete
@@ -909,6 +923,104 @@ wl_scale() {
   md "| files re-sent on restart | $(sum scale dispatch again) | $(vals scale dispatch again 0) | 0 | $([ "$(sum scale dispatch again)" = 0 ] && echo yes || echo no) |"
   [ "$(count scale dispatch notidle)" != 0 ] && md "" "Runs that did not become idle within 120 s: $(count scale dispatch notidle)."
   find "$drop" -mindepth 1 -delete
+}
+
+# ================================================================= 5. WAN (delayed round trips)
+# Every host behind bench/delayproxy.py on 127.0.0.x:$WAN_PORT, holding each byte RTT/2 each
+# way. Peers: one `tar c | ssh 'tar x && installs'` stream per host (the streaming floor) and
+# one scp + one ssh per host.
+WAN_PORT=$((PORT + 1000))
+
+run_wan_tar() { # stamp files...
+  local stamp=$1 h jobs=() names=() f; shift
+  for f in "$@"; do names+=("${f##*/}"); done
+  for h in "${HOSTS[@]}"; do
+    # shellcheck disable=SC2029 # expanded here on purpose
+    (
+      d=$RHOME/wan/$h/$stamp
+      tar -C "${1%/*}" -cf - "${names[@]}" |
+        ssh "${WAN_OPTS[@]}" "$h" "mkdir -p $d && tar -C $d -xf - && cd $d && for n in ${names[*]}; do sha256sum \$n > \$n.installed; done"
+    ) &
+    jobs+=($!)
+  done
+  for f in "${jobs[@]}"; do wait "$f" || true; done
+}
+
+wl_wan() {
+  local dir=$W/data/wan n_expected=$((WAN_FILES * ${#HOSTS[@]})) h rtt r tool
+  command -v python3 >/dev/null || { md "" "## 5. WAN" "" "Not measured: no python3 for the delaying proxy."; return 0; }
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  log "wan: making $WAN_FILES files of $FILE_KB KiB"
+  head -c $((WAN_FILES * FILE_KB * 1024)) /dev/urandom | split -b "${FILE_KB}k" -a 4 -d --additional-suffix=.tgz - "$dir/pkg-"
+  local files=("$dir"/pkg-*.tgz)
+  (cd "$dir" && sha256sum pkg-*.tgz) >"$W/data/wan.sha256"
+  for h in "${HOSTS[@]}"; do
+    echo "[$h]:$WAN_PORT $(cut -d' ' -f1,2 "$W/host_ed25519.pub")" >>"$W/known_hosts"
+  done
+  WAN_OPTS=("${SSH_OPTS[@]/#Port=$PORT/Port=$WAN_PORT}")
+  local hosts_csv; hosts_csv=$(printf '%s, ' "${HOSTS[@]}"); hosts_csv=${hosts_csv%, }
+  dispatch_config "$W/wan.ini" 'pkg-' "$hosts_csv" "~/wan/{host}/%Y%m%d_%H%M%S" 'sha256sum {name} > {name}.installed'
+  sed -i "s/^port = .*/port = $WAN_PORT/" "$W/wan.ini"
+  install -d -o "$BUSER" "$RHOME/wan"
+  local load0; load0=$(loadavg)
+  md "" "## 5. WAN: $WAN_FILES files × $FILE_KB KiB to ${#HOSTS[@]} hosts, installed, each host behind a delaying proxy" ""
+  md "Each host is reached through \`bench/delayproxy.py\` (every byte held RTT/2 each way; this kernel has no netem). Install command everywhere: \`sha256sum NAME > NAME.installed\`; *verified* as in §2 (of $n_expected). Ratios: dispatch ÷ tool, same run. Load average at start: $load0." ""
+  md "| RTT | tool | wall s (median) | wall s per run | verified (per run) | dispatch ÷ tool, time |" "| ---: | --- | ---: | --- | --- | ---: |"
+  for rtt in $WAN_RTTS; do
+    local proxies=()
+    for h in "${HOSTS[@]}"; do
+      python3 "$HERE/delayproxy.py" "$h" "$WAN_PORT" "$h" "$PORT" "$(calc "$rtt / 2")" &
+      proxies+=($!)
+    done
+    PIDS+=("${proxies[@]}")
+    for h in "${HOSTS[@]}"; do
+      local i
+      for i in $(seq 200); do (exec 3<>"/dev/tcp/$h/$WAN_PORT") 2>/dev/null && break; nap 0.025; done
+    done
+    local wl=wan$rtt
+    for ((r = 1; r <= RUNS; r++)); do
+      for tool in $(rotate $((r - 1)) dispatch tar perhost); do
+        find "$RHOME/wan" -mindepth 1 -delete
+        rm -rf "$W/state/wan"
+        sync
+        local t0 t1 rc=0 out=$W/wan.$tool.$r stamp secs ok
+        printf -v stamp '%(%Y%m%d_%H%M%S)T' -1
+        t0=$EPOCHREALTIME
+        case $tool in
+          dispatch) "$DISPATCH_BIN" -c "$W/wan.ini" --json "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+          tar) run_wan_tar "$stamp" "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+          perhost) perhost_to wan WAN_OPTS "$stamp" "${files[@]}" >"$out.out" 2>"$out.err" || rc=$? ;;
+        esac
+        t1=$EPOCHREALTIME
+        secs=$(calc "$t1 - $t0")
+        ok=$(verify_installed "$RHOME/wan" "$W/data/wan.sha256")
+        rec "$wl" "$tool" secs "$secs"
+        rec "$wl" "$tool" verified "$ok"
+        echo "$secs $ok" >"$W/wan.cur.$tool"
+        log "wan ${rtt} ms run $r: $tool $(fmt "$secs") s, $ok/$n_expected installs verified (exit $rc)"
+      done
+      local d_secs d_ok p_secs
+      read -r d_secs d_ok <"$W/wan.cur.dispatch"
+      if [ "$d_ok" = "$n_expected" ]; then
+        for tool in tar perhost; do
+          read -r p_secs _ <"$W/wan.cur.$tool"
+          rec "$wl" "$tool" ratio "$(calc "$d_secs / $p_secs")"
+        done
+      fi
+      rm -f "$W"/wan.cur.*
+    done
+    for h in "${proxies[@]}"; do stop_pid "$h"; done
+    for tool in dispatch tar perhost; do
+      local per vers ratio=1.00
+      per=$(xargs printf '%.2f, ' <"$W/res/$wl.$tool.secs")
+      vers=$(paste -sd, "$W/res/$wl.$tool.verified" | sed 's/,/, /g')
+      [ "$tool" != dispatch ] && [ -s "$W/res/$wl.$tool.ratio" ] && ratio=$(fmt "$(med "$wl" "$tool" ratio)" 2)
+      md "| $rtt ms | $tool | $(fmt "$(med "$wl" "$tool" secs)") | ${per%, } | $vers | ${ratio}× |"
+    done
+  done
+  find "$RHOME/wan" -mindepth 1 -delete
+  md "" "Issue target (W5): dispatch ≤ 1.5× the time of one \`tar | ssh\` stream per host, at both RTTs."
 }
 
 # ================================================================= main

@@ -3,7 +3,8 @@
 #
 #   sudo bash scripts/demo.sh
 #
-# On a Debian box, as root: installs the system packages (scripts/test.sh --deps-only), builds
+# On a Debian box, as root: installs what it runs if missing (openssh-server and -client, the
+# build tools; never enabling or starting a system service: see install_demo_deps), builds
 # dispatch (release), starts a throwaway OpenSSH sshd on 127.0.0.2 (a free port, its own host key,
 # client key and known_hosts, a throwaway user `dispatch-demo`), writes a config routing
 # web-*.tar.gz and api-*.tar.gz, builds two sample tarballs and runs
@@ -24,8 +25,29 @@ die() { echo "demo.sh: $*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root: it starts sshd and adds a throwaway user"
 
-say "system packages"
-bash scripts/test.sh --deps-only
+# shellcheck source=scripts/toolchain.sh
+. scripts/toolchain.sh
+need_cargo
+
+# What the demo runs, and nothing else (the test servers are scripts/test.sh's business).
+DEMO_PACKAGES=(openssh-server openssh-client build-essential pkg-config libssl-dev iproute2 ca-certificates)
+
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
+
+# Install the missing ones, starting and enabling no service (see scripts/apt.sh).
+install_demo_deps() {
+  local missing=() p
+  for p in "${DEMO_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+  done
+  [ "${#missing[@]}" = 0 ] && return 0
+  echo "installing: ${missing[*]}"
+  apt_install_quietly "${missing[@]}" || die "apt-get install failed"
+}
+
+say "system packages the demo runs"
+install_demo_deps
 
 say "cargo build --release"
 cargo build --release
@@ -124,7 +146,7 @@ login = $DEMO_USER
 identity_file = $TMP/client_ed25519
 known_hosts = $TMP/known_hosts
 dest_dir = ~/newcx/%Y%m%d_%H%M%S
-install_command = tar xzf {name} && echo "installed {app} {version}" > {app}.installed
+install_command = tar xzf {name} && echo installed {app} {version} > {app}.installed
 EOF
 cat "$TMP/dispatch.ini"
 

@@ -12,13 +12,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
+  build-essential               # cc and make for the bundled C (libssh2, SQLite); dpkg-dev
   openssh-server openssh-client # sshd "hosts", ssh/ssh-keygen/ssh-agent
   vsftpd openssl                # FTP(S) "hosts", their certificate
   nftables iproute2             # blocking a host (timeouts), ss
   subversion git                # hook tests: real svnadmin/svnlook, git
   libssl-dev pkg-config         # building ssh2 (openssl-sys)
   curl sqlite3 inotify-tools time
+  ca-certificates               # cargo fetching crates on a bare machine
 )
+
+# shellcheck source=scripts/apt.sh
+. scripts/apt.sh
 
 log() { echo "test.sh: $*" >&2; }
 
@@ -29,9 +34,9 @@ missing_packages() {
   done
 }
 
+# no service started or left enabled (vsftpd would listen on port 21): scripts/apt.sh
 apt_install() {
-  apt-get update -q -o DPkg::Lock::Timeout=300 &&
-    apt-get install -y -q -o DPkg::Lock::Timeout=300 "$@"
+  apt_install_quietly --with-recommends "$@"
 }
 
 install_deps() {
@@ -59,6 +64,10 @@ if [ "${1:-}" = --deps-only ]; then
   install_deps
   exit 0
 fi
+
+# shellcheck source=scripts/toolchain.sh
+. scripts/toolchain.sh
+need_cargo
 
 if [ "$(id -u)" != 0 ]; then
   log "the integration tests start sshd/vsftpd, add a user and nft rules: run as root"

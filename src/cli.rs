@@ -2,19 +2,23 @@
 //! dispatch files now, explain routes, check the config, show history.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
-use log::LevelFilter;
+use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::credentials::{self, Netrc};
-use crate::error::{code, Error};
-use crate::job::{Batch, Item, Outcome};
+pub use crate::app::{
+    open_journal, pool, prepare, run_batch, shown, Global, Prepared, Rejected, WORKER_DIED,
+};
+use crate::config::{escape_control, Config};
+use crate::credentials;
+use crate::error::{code, Error, UsageError};
+pub use crate::hook::HookCmd;
 use crate::journal::{self, Journal, Source};
-use crate::route;
+use crate::logging::PRINTED;
+use crate::route::{self, Unroutable};
 use crate::transport::ssh::{SshSession, SshTarget};
+use crate::transport::TransferError;
 
 pub const EXIT_CODES: &str = "\
 Exit codes:
@@ -22,6 +26,49 @@ Exit codes:
   1  at least one file × host failed; the others were still done
   2  usage or configuration error: nothing was attempted
   3  a file given by hand matched no route";
+
+const WATCH_HELP: &str = "\
+Examples:
+  dispatch watch /srv/drop            watch one directory (config from the default search)
+  dispatch -c /etc/dispatch/dispatch.ini watch
+                                      the directories of `watch` in [dispatch]
+  kill -HUP PID                       reload the config (a broken one is refused, the old kept)
+
+Exit codes:
+  0  stopped by SIGTERM/SIGINT after the uploads in flight finished
+  2  usage or configuration error (no drop directory, bad config, journal unusable)";
+
+const ROUTE_HELP: &str = "\
+Examples:
+  dispatch route web-1.2.tar.gz       which section, hosts, remote dir and install command
+  dispatch route --json *.deb         the same as JSON, one object per file
+
+Exit codes:
+  0  every file matched a route
+  2  usage or configuration error
+  3  at least one file matched no route";
+
+const CHECK_HELP: &str = "\
+Examples:
+  dispatch check                      every problem of the config, each with file:line
+  dispatch check --connect            also log in to every route's hosts, one line per route × host
+  dispatch -c legacy.cfg check --json
+
+Exit codes:
+  0  the config is valid (and, with --connect, every login worked)
+  1  with --connect: at least one route × host could not log in
+  2  the config has errors";
+
+const HISTORY_HELP: &str = "\
+Examples:
+  dispatch history                    the newest 100 runs
+  dispatch history --failed --since 2h
+  dispatch history --file web-1.2.tar.gz --host web1
+  dispatch history --run 42           one run in full: its state changes and whole output
+
+Exit codes:
+  0  shown (also when nothing matched or nothing was recorded yet)
+  2  usage or configuration error";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,38 +95,12 @@ pub struct Cli {
     pub null: bool,
 }
 
-#[derive(Args, Debug, Clone, Default)]
-pub struct Global {
-    /// Config file (default: ./dispatch.ini, $XDG_CONFIG_HOME/dispatch/dispatch.ini, /etc/dispatch/dispatch.ini)
-    #[arg(short, long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
-    /// netrc file for logins and passwords (default: ~/.netrc)
-    #[arg(long, global = true, value_name = "PATH")]
-    pub netrc: Option<PathBuf>,
-    /// log4rs YAML config (default: log_config in [dispatch], else stderr)
-    #[arg(long, global = true, value_name = "PATH")]
-    pub log_config: Option<PathBuf>,
-    /// Worker threads (default: jobs in [dispatch], 8)
-    #[arg(short, long, global = true, value_name = "N")]
-    pub jobs: Option<usize>,
-    /// Show what would be done; connect to nothing
-    #[arg(long, global = true)]
-    pub dry_run: bool,
-    /// One JSON object per line (per file × host result)
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// Less output
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-    /// More log output (-v info, -vv debug, -vvv trace)
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run as a daemon on the drop directories (from args or `watch` in [dispatch])
+    #[command(after_help = WATCH_HELP)]
     Watch {
+        /// Drop directories to watch (default: `watch` in [dispatch])
         #[arg(value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },
@@ -89,17 +110,21 @@ pub enum Command {
         vcs: HookCmd,
     },
     /// Explain which route matches each file; sends nothing
+    #[command(after_help = ROUTE_HELP)]
     Route {
+        /// Package names or paths (need not exist)
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
     /// Validate the config (all errors at once)
+    #[command(after_help = CHECK_HELP)]
     Check {
         /// Also log in to every host and report
         #[arg(long)]
         connect: bool,
     },
     /// What was dispatched, where, when, how it ended
+    #[command(after_help = HISTORY_HELP)]
     History {
         /// Only this file (base name or part of the path)
         #[arg(long)]
@@ -110,68 +135,120 @@ pub enum Command {
         /// Only failures
         #[arg(long)]
         failed: bool,
+        /// Only this run, in full (its state changes and whole output)
+        #[arg(long, value_name = "ID")]
+        run: Option<i64>,
+        /// Only runs changed since: a time ago (`30m`, `2h`, `7d`) or a local date/time (`2026-01-31`, `2026-01-31 14:00`)
+        #[arg(long, value_name = "WHEN", value_parser = parse_since)]
+        since: Option<i64>,
         /// At most this many rows (newest first)
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum HookCmd {
-    /// svn post-commit: `dispatch hook svn REPOS REV`
-    Svn {
-        repos: PathBuf,
-        rev: String,
-        /// Dispatch in the foreground instead of handing over to the daemon's spool
-        #[arg(long)]
-        now: bool,
+    /// Write the man pages: dispatch.1 to stdout, or every page into DIR
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
     },
-    /// git post-receive (reads `old new ref` lines on stdin) or, with --commit, post-commit (HEAD)
-    Git {
-        /// Repository (default: $GIT_DIR or the current directory)
-        #[arg(long)]
-        repo: Option<PathBuf>,
-        /// post-commit mode: take the files of HEAD
-        #[arg(long)]
-        commit: bool,
-        /// Dispatch in the foreground instead of handing over to the daemon's spool
-        #[arg(long)]
-        now: bool,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(hide = true)]
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
     },
 }
 
-impl Global {
-    pub fn level(&self) -> LevelFilter {
-        match (self.quiet, self.verbose) {
-            (true, _) => LevelFilter::Error,
-            (false, 0) => LevelFilter::Warn,
-            (false, 1) => LevelFilter::Info,
-            (false, 2) => LevelFilter::Debug,
-            _ => LevelFilter::Trace,
+/// `--since`: a time ago (`90s`, `30m`, `2h`, `7d`, `2w`) or a local date
+/// (`2026-01-31`), date and time (`2026-01-31 14:00[:05]`, `T` also) or RFC
+/// 3339 time → milliseconds since the epoch.
+pub fn parse_since(s: &str) -> Result<i64, SinceError> {
+    use chrono::{NaiveDate, NaiveDateTime, TimeZone};
+    let s = s.trim();
+    let now = chrono::Local::now();
+    if let Some(unit) = s.chars().last().filter(|c| c.is_ascii_alphabetic()) {
+        let num = &s[..s.len() - 1];
+        if let Ok(n) = num.parse::<u32>() {
+            let secs: i64 = match unit {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                'w' => 604_800,
+                _ => return Err(SinceError::new(s, SinceProblem::UnknownUnit)),
+            };
+            return Ok(now.timestamp_millis() - i64::from(n) * secs * 1000);
         }
     }
-
-    pub fn load_config(&self) -> Result<Config, Error> {
-        let path = Config::find(self.config.as_deref())?;
-        let c = Config::load(&path)?;
-        for w in &c.warnings {
-            log::warn!("{w}");
-        }
-        Ok(c)
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
     }
-
-    pub fn load_netrc(&self) -> Result<Netrc, Error> {
-        let n = Netrc::load(self.netrc.as_deref()).map_err(|e| Error::Usage(e.to_string()))?;
-        if n.insecure {
-            log::warn!(
-                "{}: holds passwords but is readable by others; its passwords are ignored (run: chmod 600 {})",
-                n.path.display(),
-                n.path.display()
-            );
+    let local = |t: NaiveDateTime| {
+        chrono::Local
+            .from_local_datetime(&t)
+            .earliest()
+            .map(|t| t.timestamp_millis())
+            .ok_or_else(|| SinceError::new(s, SinceProblem::NoSuchLocalTime))
+    };
+    for f in [
+        "%Y-%m-%d %H:%M:%S",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s, f) {
+            return local(t);
         }
-        Ok(n)
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return local(t);
+        }
+    }
+    Err(SinceError::new(s, SinceProblem::NotATime))
+}
+
+/// A `--since` value that is not a time; `input` as given (trimmed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinceError {
+    pub input: String,
+    pub problem: SinceProblem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinceProblem {
+    /// A number with a unit letter that is not s, m, h, d or w.
+    UnknownUnit,
+    /// A local date/time that does not exist (skipped by a DST change).
+    NoSuchLocalTime,
+    /// Neither a time ago nor a date.
+    NotATime,
+}
+
+impl SinceError {
+    fn new(input: &str, problem: SinceProblem) -> SinceError {
+        SinceError {
+            input: input.to_string(),
+            problem,
+        }
     }
 }
+
+impl std::fmt::Display for SinceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.input;
+        match self.problem {
+            SinceProblem::UnknownUnit => write!(f, "{s:?}: unknown unit (s, m, h, d, w)"),
+            SinceProblem::NoSuchLocalTime => write!(f, "{s:?}: no such local time"),
+            SinceProblem::NotATime => write!(
+                f,
+                "{s:?}: not a time ago (30m, 2h, 7d) or a date (2026-01-31, 2026-01-31 14:00)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SinceError {}
 
 /// Parse arguments, start logging, run the mode. Returns the exit code.
 pub fn main() -> u8 {
@@ -187,33 +264,68 @@ pub fn main() -> u8 {
             };
         }
     };
-    // the log config may come from the config file: peek at it without failing here
-    let log_file = cli.global.log_config.clone().or_else(|| {
-        Config::find(cli.global.config.as_deref())
+    // the log config may come from the config file: peek at it without failing
+    // here (a broken config is reported by the command)
+    let log_file = match &cli.global.log_config {
+        Some(p) => Some((p.clone(), "--log-config".to_string())),
+        None => Config::find(cli.global.config.as_deref())
             .ok()
             .and_then(|p| Config::load(&p).ok())
-            .and_then(|c| c.settings.log_config)
-    });
+            .and_then(|c| {
+                let from = format!("log_config in {}", c.path.display());
+                c.settings.log_config.map(|l| (l, from))
+            }),
+    };
     // `dispatch FILE…` prints one line per result; without -v its stderr log
     // would only repeat the failures
     let results_on_stdout = cli.command.is_none() && cli.global.verbose == 0;
-    if let Err(e) = crate::logging::init(log_file.as_deref(), cli.global.level(), results_on_stdout)
-    {
-        eprintln!("dispatch: {e}");
+    // and the progress output tells retries and fallbacks itself
+    let g = &cli.global;
+    let progress_shown = g.progress.resolve(g.json, g.quiet) != crate::progress::Mode::None;
+    let stderr = crate::logging::Stderr {
+        results_on_stdout,
+        events_shown: results_on_stdout && progress_shown,
+    };
+    let log_path = log_file.as_ref().map(|(p, _)| p.as_path());
+    if let Err(e) = crate::logging::init(log_path, cli.global.level(), stderr) {
+        // asked for a log and cannot have it: nothing is attempted without it
+        let from = log_file.map(|(_, f)| f).unwrap_or_default();
+        eprintln!("dispatch: {} ({from})", escape_control(&e.to_string()));
+        return code::USAGE;
     }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("dispatch: {e}");
+            print_error(&e);
             e.exit_code()
         }
+    }
+}
+
+/// Print an error once, as `dispatch: …`, control characters escaped (the
+/// config's problems escape their own and are capped; see [`ConfigError`]).
+///
+/// [`ConfigError`]: crate::config::ConfigError
+pub fn print_error(e: &Error) {
+    match e {
+        Error::Config(c) => eprintln!("dispatch: {c}"),
+        other => eprintln!("dispatch: {}", escape_control(&other.to_string())),
     }
 }
 
 /// clap does not see a subcommand that follows global options with values
 /// (`dispatch -c x.ini route f`); move the subcommand name to the front.
 pub fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    const SUBCOMMANDS: &[&str] = &["watch", "hook", "route", "check", "history", "help"];
+    const SUBCOMMANDS: &[&str] = &[
+        "watch",
+        "hook",
+        "route",
+        "check",
+        "history",
+        "man",
+        "completions",
+        "help",
+    ];
     const WITH_VALUE: &[&str] = &["-c", "--config", "--netrc", "--log-config", "-j", "--jobs"];
     let mut i = 1;
     while i < args.len() {
@@ -243,9 +355,10 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
     match cli.command {
         None => {
             if cli.files.is_empty() {
-                return Err(Error::Usage(
-                    "no files given (dispatch FILE…, or `dispatch --help`)".into(),
-                ));
+                return Err(UsageError::NoFiles.into());
+            }
+            if let Some(e) = mistyped_command(&cli.files[0]) {
+                return Err(e.into());
             }
             let files = expand_stdin(cli.files, cli.null)?;
             dispatch_files(&g, files)
@@ -256,11 +369,50 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
             file,
             host,
             failed,
+            run,
+            since,
             limit,
-        }) => history(&g, file, host, failed, limit),
+        }) => history(
+            &g,
+            journal::HistoryFilter {
+                file,
+                host,
+                failed_only: failed,
+                run,
+                since_ms: since,
+                limit: Some(limit),
+            },
+        ),
+        Some(Command::Man { dir }) => man(dir),
+        Some(Command::Completions { shell }) => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "dispatch", &mut std::io::stdout());
+            Ok(code::OK)
+        }
         Some(Command::Watch { dirs }) => crate::daemon::run(&g, dirs),
         Some(Command::Hook { vcs }) => crate::hook::run(&g, vcs),
     }
+}
+
+/// `dispatch chek`: a first argument that is no file, looks like a word
+/// (no `/`, no `.`) and is one or two letters from a command is a mistyped
+/// command, not a missing package.
+fn mistyped_command(first: &Path) -> Option<UsageError> {
+    const COMMANDS: [&str; 5] = ["watch", "hook", "route", "check", "history"];
+    let given = first.to_str()?;
+    if given.contains(['/', '.']) || first.symlink_metadata().is_ok() {
+        return None;
+    }
+    let lower = given.to_ascii_lowercase();
+    COMMANDS
+        .into_iter()
+        .map(|c| (crate::config::distance(&lower, c), c))
+        .filter(|(d, _)| *d <= 2)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, command)| UsageError::NotACommand {
+            given: escape_control(given),
+            command,
+        })
 }
 
 /// `-` among the files: read names from stdin.
@@ -275,7 +427,7 @@ fn expand_stdin(files: Vec<PathBuf>, null: bool) -> Result<Vec<PathBuf>, Error> 
         std::io::stdin()
             .lock()
             .read_to_end(&mut buf)
-            .map_err(|e| Error::Usage(format!("reading file names from stdin: {e}")))?;
+            .map_err(UsageError::Stdin)?;
         use std::os::unix::ffi::OsStrExt;
         let sep = if null { b'\0' } else { b'\n' };
         for name in buf.split(|b| *b == sep) {
@@ -292,164 +444,28 @@ fn expand_stdin(files: Vec<PathBuf>, null: bool) -> Result<Vec<PathBuf>, Error> 
     Ok(out)
 }
 
-/// Open the journal; a journal that cannot be opened is a warning for manual runs.
-pub fn open_journal(config: &Config) -> Option<Arc<Journal>> {
-    match Journal::open(&config.settings.state_dir) {
-        Ok(j) => Some(Arc::new(j)),
-        Err(e) => {
-            log::warn!("journal unavailable, results are not recorded: {e}");
-            None
+/// The inputs that are not sent, one line (or JSON object) each. Printed
+/// here; the log gets them too, but its stderr fallback shows them only
+/// with -v (target PRINTED), so each is seen once.
+fn report_unsent(g: &Global, p: &Prepared) {
+    for f in &p.unrouted {
+        let name = shown(&route::base_name(f));
+        if g.json {
+            print_json(&input_json(f, "unrouted", "no route matches this name"));
+        } else {
+            eprintln!("dispatch: {name}: no route matches this name");
         }
+        log::warn!(target: PRINTED, "{name}: no route matches");
     }
-}
-
-pub fn pool(g: &Global, config: &Config) -> threadpool::ThreadPool {
-    threadpool::Builder::new()
-        .num_threads(g.jobs.unwrap_or(config.settings.jobs).max(1))
-        .thread_name("worker".into())
-        .build()
-}
-
-/// Route and record the files; unrouted or unreadable ones are reported.
-pub struct Prepared {
-    pub items: Vec<Item>,
-    pub unrouted: Vec<PathBuf>,
-    pub unreadable: Vec<(PathBuf, String)>,
-}
-
-pub fn prepare(
-    config: &Config,
-    journal: Option<&Journal>,
-    files: Vec<PathBuf>,
-    source: &Source,
-) -> Prepared {
-    let mut p = Prepared {
-        items: Vec::new(),
-        unrouted: Vec::new(),
-        unreadable: Vec::new(),
-    };
-    for f in files {
-        match std::fs::metadata(&f) {
-            Ok(m) if m.is_file() => {}
-            Ok(_) => {
-                p.unreadable.push((f, "not a regular file".into()));
-                continue;
-            }
-            Err(e) => {
-                p.unreadable.push((f, e.to_string()));
-                continue;
-            }
+    for u in &p.unreadable {
+        let (f, e) = (&u.path, &u.why);
+        let path = shown(&f.display().to_string());
+        if g.json {
+            print_json(&input_json(f, e.kind().as_str(), &e.to_string()));
+        } else {
+            eprintln!("dispatch: {path}: cannot read: {e}");
         }
-        let Some(mut item) = Item::new(config, f.clone()) else {
-            p.unrouted.push(f);
-            continue;
-        };
-        if let Some(j) = journal {
-            // by hand: no second read of every byte before the upload
-            let id = match source {
-                Source::Manual => journal::stat_identity(&f),
-                _ => journal::file_identity(&f),
-            };
-            match id {
-                Ok(id) => {
-                    let section = &config.routes[item.route].section;
-                    match j.add_package(&id, Some(section), source) {
-                        Ok(pkg) => item.package = Some(pkg),
-                        Err(e) => log::warn!("{}: journal: {e}", item.name),
-                    }
-                }
-                Err(e) => {
-                    p.unreadable.push((f, e.to_string()));
-                    continue;
-                }
-            }
-        }
-        p.items.push(item);
-    }
-    p
-}
-
-/// Run a batch and collect its outcomes, printing each as it arrives.
-pub fn run_batch(
-    g: &Global,
-    config: Arc<Config>,
-    netrc: Arc<Netrc>,
-    journal: Option<Arc<Journal>>,
-    items: Vec<Item>,
-    mut on_outcome: impl FnMut(&Outcome),
-) -> Vec<Outcome> {
-    let pool = pool(g, &config);
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let batch = Batch {
-        config,
-        netrc,
-        journal,
-        when: chrono::Local::now(),
-        dry_run: g.dry_run,
-    };
-    batch.run(items, &pool, tx);
-    let mut all = Vec::new();
-    for o in rx.iter() {
-        on_outcome(&o);
-        all.push(o);
-    }
-    pool.join();
-    all
-}
-
-/// A file name for a terminal line: control characters (a newline in a
-/// name) escaped, everything else as is.
-pub fn shown(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_control() {
-                c.escape_default().to_string()
-            } else {
-                c.to_string()
-            }
-        })
-        .collect()
-}
-
-pub fn print_outcome(g: &Global, o: &Outcome) {
-    let mut out = std::io::stdout().lock();
-    if g.json {
-        if let Ok(s) = serde_json::to_string(o) {
-            let _ = writeln!(out, "{s}");
-        }
-        return;
-    }
-    if g.quiet && o.ok {
-        return;
-    }
-    let name = shown(&o.file);
-    let how = o.transport.as_deref().unwrap_or("-");
-    if o.ok {
-        let fb = o
-            .fallback_reason
-            .as_ref()
-            .map(|r| format!(", fallback: {r}"))
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "{name}: {}: {} ({how}, {:.2}s{fb}) {}",
-            o.host,
-            o.state,
-            o.elapsed_ms as f64 / 1000.0,
-            o.remote_path.as_deref().unwrap_or("")
-        );
-    } else {
-        let _ = writeln!(
-            out,
-            "{name}: {}: FAILED: {}",
-            o.host,
-            o.error.as_deref().unwrap_or("unknown error")
-        );
-        if let Some(t) = &o.output_tail {
-            for l in t.lines() {
-                let _ = writeln!(out, "    | {l}");
-            }
-        }
+        log::error!(target: PRINTED, "{path}: cannot read: {e}");
     }
 }
 
@@ -461,41 +477,106 @@ fn dispatch_files(g: &Global, files: Vec<PathBuf>) -> Result<u8, Error> {
     } else {
         open_journal(&config)
     };
+    if !g.dry_run {
+        if let Err(e) = crate::interrupt::install_handlers() {
+            log::warn!("cannot handle Ctrl-C cleanly: {e}");
+        }
+    }
+    // every package is held open from judging to its last host
+    crate::app::raise_open_file_limit();
     let p = prepare(&config, journal.as_deref(), files, &Source::Manual);
-    for f in &p.unrouted {
-        eprintln!(
-            "dispatch: {}: no route matches this name",
-            shown(&route::base_name(f))
-        );
-        log::warn!("{}: no route matches", route::base_name(f));
-    }
-    for (f, e) in &p.unreadable {
-        eprintln!("dispatch: {}: cannot read: {e}", f.display());
-        log::error!("{}: cannot read: {e}", f.display());
-    }
+    let inputs = p.items.len() + p.unrouted.len() + p.unreadable.len();
+    report_unsent(g, &p);
+    let progress = g.progress.resolve(g.json, g.quiet);
     let outcomes = run_batch(
         g,
         Arc::new(config),
         Arc::new(netrc),
         journal,
         p.items,
-        |o| print_outcome(g, o),
+        progress,
     );
     let failed = outcomes.iter().filter(|o| !o.ok).count();
-    if !g.json && !g.quiet && !outcomes.is_empty() {
-        eprintln!(
-            "dispatch: {} file × host: {} ok, {failed} failed",
-            outcomes.len(),
-            outcomes.len() - failed
-        );
+    if !g.json && !g.quiet {
+        if let Some(s) = summary(outcomes.len(), failed, p.unreadable.len(), p.unrouted.len()) {
+            eprintln!("dispatch: {s}");
+        }
     }
-    Ok(if failed > 0 || !p.unreadable.is_empty() {
+    let interrupted = crate::interrupt::requested();
+    let exit = if interrupted {
+        code::INTERRUPTED
+    } else if failed > 0 || !p.unreadable.is_empty() {
         code::FAILED
     } else if !p.unrouted.is_empty() {
         code::UNROUTED
     } else {
         code::OK
+    };
+    if g.json {
+        let count = |k: Rejected| p.unreadable.iter().filter(|u| u.why.kind() == k).count();
+        print_json(&serde_json::json!({"summary": {
+            "inputs": inputs,
+            "results": outcomes.len(),
+            "ok": outcomes.len() - failed,
+            "failed": failed,
+            "unrouted": p.unrouted.len(),
+            "missing": count(Rejected::Missing),
+            "unreadable": count(Rejected::Unreadable),
+            "refused": count(Rejected::Refused),
+            "interrupted": interrupted,
+            "exit_code": exit,
+        }}));
+    }
+    if interrupted {
+        eprintln!("dispatch: interrupted: temporary files removed from the hosts; nothing left half-done is reported as done");
+    }
+    Ok(exit)
+}
+
+/// One JSON line on stdout.
+fn print_json(v: &serde_json::Value) {
+    let _ = writeln!(std::io::stdout().lock(), "{v}");
+}
+
+/// The `--json` record of an input that gave no file × host result:
+/// `state` is `unrouted`, `missing`, `unreadable` or `refused`.
+fn input_json(path: &std::path::Path, state: &str, error: &str) -> serde_json::Value {
+    serde_json::json!({
+        "file": route::base_name(path),
+        "path": path.to_string_lossy(),
+        "host": null,
+        "state": state,
+        "ok": false,
+        "error": error,
     })
+}
+
+/// The last line of a foreground run; every input is counted: an input that
+/// could not be read is a failure, one that matched no route is unrouted.
+/// `None` when there was nothing at all.
+pub fn summary(
+    results: usize,
+    failed: usize,
+    unreadable: usize,
+    unrouted: usize,
+) -> Option<String> {
+    if results + unreadable + unrouted == 0 {
+        return None;
+    }
+    let inputs = match unreadable {
+        0 => String::new(),
+        1 => " + 1 input not readable".to_string(),
+        n => format!(" + {n} inputs not readable"),
+    };
+    let mut s = format!(
+        "{results} file × host{inputs}: {} ok, {} failed",
+        results - failed,
+        failed + unreadable
+    );
+    if unrouted > 0 {
+        s.push_str(&format!(", {unrouted} unrouted"));
+    }
+    Some(s)
 }
 
 fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
@@ -506,21 +587,34 @@ fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
     let mut out = std::io::stdout().lock();
     for f in files {
         let name = route::base_name(f);
-        let Some(r) = route::route(&config, f) else {
-            unrouted = true;
-            if g.json {
-                let v = serde_json::json!({"file": name, "route": null});
-                let _ = writeln!(out, "{v}");
-            } else {
-                let _ = writeln!(out, "{}: no route matches", shown(&name));
+        let r = match route::route(&config, f) {
+            Ok(r) => r,
+            Err(Unroutable::BadName(why)) => {
+                unrouted = true;
+                let _ = writeln!(out, "{}: {why}", shown(&name));
+                continue;
             }
-            continue;
+            Err(Unroutable::NoRoute) => {
+                unrouted = true;
+                if g.json {
+                    let v = serde_json::json!({"file": name, "route": null});
+                    let _ = writeln!(out, "{v}");
+                } else {
+                    let _ = writeln!(out, "{}: no route matches", shown(&name));
+                }
+                continue;
+            }
         };
         for host in &r.route.hosts {
             let creds = credentials::resolve(r.route, host, &netrc);
             let dir = route::dest_dir(&r, host, &now);
             let (dir, cmd) = match &dir {
-                Ok(d) => (d.clone(), route::install_command(&r, host, d)),
+                Ok(d) => {
+                    // as the host will see it: ~ stands for the login's home
+                    let shown = route::home_relative(d);
+                    let cmd = route::install_command(&r, host, &shown);
+                    (shown, cmd)
+                }
                 Err(e) => (format!("<refused: {}>", e.0), None),
             };
             let transfer: Vec<String> = r.route.transfer.iter().map(|t| t.to_string()).collect();
@@ -552,36 +646,126 @@ fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
     Ok(if unrouted { code::UNROUTED } else { code::OK })
 }
 
+/// `check`: the config (all its problems at once), then with `--connect`
+/// one login per route × host. `--json`: an object for the config, one per
+/// login, then a summary; `-q`: only problems (warnings, failed logins).
 fn check(g: &Global, connect: bool) -> Result<u8, Error> {
-    let config = g.load_config()?;
+    let config = match g.load_config_silently() {
+        Ok(c) => c,
+        Err(Error::Config(e)) if g.json => {
+            print_config_problems(&e);
+            return Ok(code::USAGE);
+        }
+        Err(e) => return Err(e),
+    };
     let netrc = g.load_netrc()?;
-    let hosts: usize = config.routes.iter().map(|r| r.hosts.len()).sum();
-    println!(
-        "{}: OK ({} routes, {hosts} route × host pairs)",
-        config.path.display(),
-        config.routes.len()
-    );
-    for w in &config.warnings {
-        println!("warning: {w}");
-    }
+    print_config_ok(g, &config);
     if !connect {
+        if g.json {
+            print_json(&serde_json::json!({"summary": {
+                "config_ok": true, "warnings": config.warnings.len(), "exit_code": code::OK,
+            }}));
+        }
         return Ok(code::OK);
     }
-    // one login per distinct (host, port, login)
-    let mut seen = Vec::new();
-    let mut failed = 0;
+    let logins = try_logins(g, &config, &netrc);
+    let failed = logins.iter().filter(|l| l.result.is_err()).count();
+    for l in &logins {
+        print_login(g, l);
+    }
+    let exit = if failed > 0 { code::FAILED } else { code::OK };
+    if g.json {
+        print_json(&serde_json::json!({"summary": {
+            "config_ok": true, "warnings": config.warnings.len(),
+            "logins": logins.len(), "ok": logins.len() - failed, "failed": failed,
+            "exit_code": exit,
+        }}));
+    }
+    Ok(exit)
+}
+
+/// `check --json` of a config that does not load: every problem, then the summary.
+fn print_config_problems(e: &crate::config::ConfigError) {
+    let problems: Vec<serde_json::Value> = e
+        .problems
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "file": p.file.to_string_lossy(), "line": p.line, "error": p.msg,
+            })
+        })
+        .collect();
+    let file = e.problems.first().map(|p| p.file.to_string_lossy());
+    print_json(&serde_json::json!({"config": file, "ok": false, "problems": problems}));
+    print_json(&serde_json::json!({"summary": {
+        "config_ok": false, "problems": e.problems.len(), "exit_code": code::USAGE,
+    }}));
+}
+
+/// `check` of a config that loads: its size and its warnings (logged too).
+fn print_config_ok(g: &Global, config: &Config) {
+    let hosts: usize = config.routes.iter().map(|r| r.hosts.len()).sum();
+    if g.json {
+        print_json(&serde_json::json!({
+            "config": config.path.to_string_lossy(), "ok": true,
+            "routes": config.routes.len(), "route_hosts": hosts, "warnings": config.warnings,
+        }));
+    } else {
+        if !g.quiet {
+            println!(
+                "{}: OK ({} routes, {hosts} route × host pairs)",
+                shown(&config.path.display().to_string()),
+                config.routes.len()
+            );
+        }
+        for w in &config.warnings {
+            println!("warning: {}", shown(w));
+        }
+    }
+    for w in &config.warnings {
+        log::warn!(target: PRINTED, "{w}");
+    }
+}
+
+/// One `check --connect` login: what was tried and how it went.
+struct Login {
+    /// `[section] login@host:port`
+    what: String,
+    /// The `--json` record, without its result.
+    json: serde_json::Value,
+    /// How long the login took, or why it failed.
+    result: Result<std::time::Duration, LoginError>,
+}
+
+/// Why a `check --connect` login failed.
+#[derive(Debug)]
+enum LoginError {
+    Refused(TransferError),
+    /// Its worker died before reporting.
+    WorkerDied,
+}
+
+impl std::fmt::Display for LoginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginError::Refused(e) => write!(f, "{e}"),
+            LoginError::WorkerDied => f.write_str(WORKER_DIED),
+        }
+    }
+}
+
+/// One login per route × host, each with the route's own credentials, key
+/// and known_hosts (two routes to the same login@host:port may differ in any
+/// of them), on the worker pool; in config order.
+fn try_logins(g: &Global, config: &Config, netrc: &credentials::Netrc) -> Vec<Login> {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let pool = pool(g, &config);
-    for r in &config.routes {
-        for host in &r.hosts {
-            let creds = credentials::resolve(r, host, &netrc);
-            let key = (host.clone(), r.port, creds.login.clone());
-            if seen.contains(&key) {
-                continue;
-            }
-            seen.push(key);
+    let pool = pool(g, config);
+    let mut owed = Vec::new();
+    for (ri, r) in config.routes.iter().enumerate() {
+        for (hi, host) in r.hosts.iter().enumerate() {
+            let creds = credentials::resolve(r, host, netrc);
             let t = SshTarget {
-                host: host.clone(),
+                host: host.to_string(),
                 port: r.port,
                 login: creds.login,
                 password: creds.password,
@@ -591,49 +775,75 @@ fn check(g: &Global, connect: bool) -> Result<u8, Error> {
                 connect_timeout: r.connect_timeout,
                 io_timeout: r.io_timeout,
             };
-            let section = r.section.clone();
+            owed.push((
+                (ri, hi),
+                format!("[{}] {}@{host}:{}", r.section, t.login, r.port),
+                serde_json::json!({
+                    "section": r.section, "host": host, "port": r.port, "login": t.login,
+                }),
+            ));
             let tx = tx.clone();
             pool.execute(move || {
                 let started = std::time::Instant::now();
-                let res = SshSession::connect(&t).map(|_| started.elapsed());
-                let _ = tx.send((section, t.login, t.host, t.port, res));
+                let res = SshSession::connect(&t)
+                    .map(|_| started.elapsed())
+                    .map_err(LoginError::Refused);
+                let _ = tx.send(((ri, hi), res));
             });
         }
     }
     drop(tx);
-    for (section, login, host, port, res) in rx.iter() {
-        match res {
-            Ok(d) => println!(
-                "[{section}] {login}@{host}:{port}: ok ({:.2}s)",
-                d.as_secs_f64()
-            ),
-            Err(e) => {
-                failed += 1;
-                println!("[{section}] {login}@{host}:{port}: FAILED: {e}");
-            }
-        }
-    }
-    Ok(if failed > 0 { code::FAILED } else { code::OK })
+    let mut results: std::collections::HashMap<_, _> = rx.iter().collect();
+    pool.join();
+    owed.into_iter()
+        .map(|(key, what, json)| Login {
+            what,
+            json,
+            result: results.remove(&key).unwrap_or(Err(LoginError::WorkerDied)),
+        })
+        .collect()
 }
 
-fn history(
-    g: &Global,
-    file: Option<String>,
-    host: Option<String>,
-    failed: bool,
-    limit: usize,
-) -> Result<u8, Error> {
+fn print_login(g: &Global, l: &Login) {
+    if g.json {
+        let mut json = l.json.clone();
+        json["ok"] = l.result.is_ok().into();
+        match &l.result {
+            Ok(d) => json["elapsed_ms"] = (d.as_millis() as u64).into(),
+            Err(e) => json["error"] = e.to_string().into(),
+        }
+        print_json(&json);
+        return;
+    }
+    match &l.result {
+        Ok(d) if !g.quiet => println!("{}: ok ({:.2}s)", shown(&l.what), d.as_secs_f64()),
+        Ok(_) => {}
+        Err(e) => println!("{}: FAILED: {}", shown(&l.what), shown(&e.to_string())),
+    }
+}
+
+fn history(g: &Global, filter: journal::HistoryFilter) -> Result<u8, Error> {
     let config = g.load_config()?;
-    let j = Journal::open(&config.settings.state_dir).map_err(|e| Error::Fatal(e.to_string()))?;
-    let rows = j
-        .history(&journal::HistoryFilter {
-            file,
-            host,
-            failed_only: failed,
-            limit: Some(limit),
-        })
-        .map_err(|e| Error::Fatal(e.to_string()))?;
+    let j = Journal::open(&config.settings.state_dir).map_err(Error::Journal)?;
+    let rows = j.history(&filter).map_err(Error::Journal)?;
     let mut out = std::io::stdout().lock();
+    if let Some(id) = filter.run {
+        let Some(r) = rows.first() else {
+            return Err(Error::NoSuchRun {
+                id,
+                journal: j.path().to_path_buf(),
+            });
+        };
+        let events = j.run_events(id).map_err(Error::Journal)?;
+        if g.json {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            v["events"] = serde_json::to_value(&events).unwrap_or_default();
+            let _ = writeln!(out, "{v}");
+        } else {
+            let _ = write!(out, "{}", journal::format_run(r, &events));
+        }
+        return Ok(code::OK);
+    }
     if g.json {
         for r in &rows {
             if let Ok(s) = serde_json::to_string(r) {
@@ -644,4 +854,71 @@ fn history(
         let _ = write!(out, "{}", journal::format_history(&rows));
     }
     Ok(code::OK)
+}
+
+/// `dispatch man [DIR]`: the man pages, made from the command line's own
+/// definition (so they cannot drift from `--help`).
+fn man(dir: Option<PathBuf>) -> Result<u8, Error> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        None => {
+            let mut out = std::io::stdout().lock();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|cause| Error::ManPage { dir: None, cause })?;
+        }
+        Some(dir) => {
+            let failed = |cause| Error::ManPage {
+                dir: Some(dir.clone()),
+                cause,
+            };
+            std::fs::create_dir_all(&dir).map_err(failed)?;
+            // no pages for the `help` pseudo-subcommands
+            fn no_help(c: clap::Command) -> clap::Command {
+                c.disable_help_subcommand(true).mut_subcommands(no_help)
+            }
+            let mut cmd = no_help(cmd);
+            cmd.build();
+            clap_mangen::generate_to(cmd, &dir).map_err(failed)?;
+        }
+    }
+    Ok(code::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_summary_counts_every_input() {
+        assert_eq!(summary(0, 0, 0, 0), None);
+        assert_eq!(
+            summary(1, 0, 1, 0).as_deref(),
+            Some("1 file × host + 1 input not readable: 1 ok, 1 failed")
+        );
+        assert_eq!(
+            summary(2, 1, 0, 3).as_deref(),
+            Some("2 file × host: 1 ok, 1 failed, 3 unrouted")
+        );
+    }
+
+    #[test]
+    fn a_since_that_is_no_time_says_what_it_expected() {
+        let e = parse_since(" 3x ").unwrap_err();
+        assert_eq!(e.problem, SinceProblem::UnknownUnit);
+        assert_eq!(e.to_string(), "\"3x\": unknown unit (s, m, h, d, w)");
+        assert_eq!(
+            parse_since("soon").unwrap_err().to_string(),
+            "\"soon\": not a time ago (30m, 2h, 7d) or a date (2026-01-31, 2026-01-31 14:00)"
+        );
+        assert!(parse_since("2h").is_ok());
+    }
+
+    #[test]
+    fn jobs_on_the_command_line_are_range_checked() {
+        assert!(Cli::try_parse_from(["dispatch", "-j", "0", "x"]).is_err());
+        assert!(Cli::try_parse_from(["dispatch", "-j", "100000000", "x"]).is_err());
+        let c = Cli::try_parse_from(["dispatch", "-j", "256", "x"]).unwrap();
+        assert_eq!(c.global.jobs, Some(256));
+    }
 }

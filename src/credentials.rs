@@ -29,20 +29,50 @@ pub struct Netrc {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+/// A netrc that cannot be used. Display: `PATH:LINE: problem` (line 0 when
+/// the file could not be read).
+#[derive(Debug)]
 pub struct NetrcError {
     pub path: PathBuf,
     pub line: usize,
-    pub msg: String,
+    pub problem: NetrcProblem,
+}
+
+#[derive(Debug)]
+pub enum NetrcProblem {
+    /// The file could not be read.
+    Read(std::io::Error),
+    /// `machine` at the end of the file.
+    MachineWithoutName,
+    /// `login`, `password`, `account` or `port` at the end of the file.
+    NoValue(String),
+    /// `login`, `password`, `account` or `port` before any `machine`/`default`.
+    NoMachine(String),
+    /// A token that is not a netrc keyword.
+    UnexpectedToken(String),
 }
 
 impl fmt::Display for NetrcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}: {}", self.path.display(), self.line, self.msg)
+        write!(f, "{}:{}: ", self.path.display(), self.line)?;
+        match &self.problem {
+            NetrcProblem::Read(e) => write!(f, "cannot read: {e}"),
+            NetrcProblem::MachineWithoutName => f.write_str("`machine` without a host name"),
+            NetrcProblem::NoValue(t) => write!(f, "`{t}` without a value"),
+            NetrcProblem::NoMachine(t) => write!(f, "`{t}` must follow `machine` or `default`"),
+            NetrcProblem::UnexpectedToken(t) => write!(f, "unexpected token `{t}`"),
+        }
     }
 }
 
-impl std::error::Error for NetrcError {}
+impl std::error::Error for NetrcError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.problem {
+            NetrcProblem::Read(e) => Some(e),
+            _ => None,
+        }
+    }
+}
 
 /// Whitespace-separated tokens with their line; `"…"` quoting with `\` escapes;
 /// `#` starts a comment at the start of a token.
@@ -123,10 +153,10 @@ impl Netrc {
             cleaned.push_str(l);
             cleaned.push('\n');
         }
-        let err = |line, msg: String| NetrcError {
+        let err = |line, problem| NetrcError {
             path: path.to_path_buf(),
             line,
-            msg,
+            problem,
         };
         let mut machines: Vec<Machine> = Vec::new();
         let mut toks = tokens(&cleaned).into_iter();
@@ -135,7 +165,7 @@ impl Netrc {
                 "machine" => {
                     let (name, _) = toks
                         .next()
-                        .ok_or_else(|| err(line, "`machine` without a host name".into()))?;
+                        .ok_or_else(|| err(line, NetrcProblem::MachineWithoutName))?;
                     machines.push(Machine {
                         name: Some(name),
                         ..Machine::default()
@@ -145,10 +175,10 @@ impl Netrc {
                 "login" | "password" | "account" | "port" => {
                     let (v, _) = toks
                         .next()
-                        .ok_or_else(|| err(line, format!("`{t}` without a value")))?;
-                    let m = machines.last_mut().ok_or_else(|| {
-                        err(line, format!("`{t}` must follow `machine` or `default`"))
-                    })?;
+                        .ok_or_else(|| err(line, NetrcProblem::NoValue(t.clone())))?;
+                    let m = machines
+                        .last_mut()
+                        .ok_or_else(|| err(line, NetrcProblem::NoMachine(t.clone())))?;
                     match t.as_str() {
                         "login" => m.login = Some(v),
                         "password" => m.password = Some(Secret::new(v)),
@@ -156,7 +186,7 @@ impl Netrc {
                         _ => {}
                     }
                 }
-                other => return Err(err(line, format!("unexpected token `{other}`"))),
+                other => return Err(err(line, NetrcProblem::UnexpectedToken(other.to_string()))),
             }
         }
         Ok(Netrc {
@@ -180,7 +210,7 @@ impl Netrc {
                 return Err(NetrcError {
                     path,
                     line: 0,
-                    msg: format!("cannot read: {e}"),
+                    problem: NetrcProblem::Read(e),
                 })
             }
         };

@@ -9,27 +9,31 @@
 //! - files that arrive together form one batch (one dated directory);
 //! - a failed file × host is retried with backoff up to `max_attempts`, then
 //!   parked until SIGHUP or restart; unrouted files are re-checked on SIGHUP;
+//! - a package in the spool (see [`spool`](crate::spool)) is journaled with
+//!   the revision its hook wrote beside it, and deleted once done;
 //! - SIGHUP reloads the config (a bad one is reported, the old one kept);
 //!   SIGTERM/SIGINT stop intake, let in-flight work finish (bounded), exit 0.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, tick, Receiver};
 
-use crate::cli::Global;
+use crate::app::{self as cli, Global};
 use crate::config::{After, Config};
 use crate::credentials::Netrc;
-use crate::error::{code, Error};
-use crate::job::{Batch, Item, Outcome};
+use crate::error::{code, Error, LostJournal, SignalStep, UsageError};
+use crate::job::{self, Batch, Item, Outcome};
 use crate::journal::{self, Journal, Source, State};
-use crate::route::base_name;
-use crate::watch::{Ready, WatchOptions, Watcher};
+use crate::local::{Follow, LocalFile};
+use crate::route::{base_name, Unroutable};
+use crate::spool;
+use crate::watch::{canonical_dirs, Ready, WatchOptions, Watcher};
 
-/// Files the hooks leave next to the packages they spool.
-pub const HOOK_META: &str = ".dispatch-meta.json";
+/// Retries across batches: 2 s, 4 s, 8 s … (the one policy, [`crate::retry`]).
+const DAEMON_BACKOFF: crate::retry::Backoff = crate::retry::Backoff::new(Duration::from_secs(2));
 
 /// How long SIGTERM waits for in-flight work.
 const DRAIN_LIMIT: Duration = Duration::from_secs(120);
@@ -44,6 +48,56 @@ struct Pending {
     attempts: HashMap<String, u32>,
     parked: HashSet<String>,
     from_spool: bool,
+    /// The descriptor the package was judged by; retries send it too.
+    file: Arc<LocalFile>,
+    /// Hosts where the verified upload is in place (host → dir): a retry
+    /// only installs.
+    placed: BTreeMap<String, String>,
+}
+
+/// What a file's route asks of it.
+struct Target {
+    hosts: Vec<String>,
+    section: String,
+    /// The route has an install command.
+    installs: bool,
+    /// The state that means done on a host: installed, or uploaded when
+    /// there is nothing to install.
+    done_state: State,
+}
+
+impl Target {
+    fn of(config: &Config, item: &Item) -> Target {
+        let route = &config.routes[item.route];
+        let installs = route.install_command.is_some();
+        Target {
+            hosts: route.hosts.clone(),
+            section: route.section.clone(),
+            installs,
+            done_state: if installs {
+                State::Installed
+            } else {
+                State::Uploaded
+            },
+        }
+    }
+}
+
+/// A package's hosts, as the journal has them.
+struct HostsToDo {
+    ok: HashSet<String>,
+    todo: Vec<String>,
+    attempts: HashMap<String, u32>,
+}
+
+/// A file judged to go: everything [`Daemon::enqueue`] needs.
+struct Judged {
+    path: PathBuf,
+    item: Item,
+    file: LocalFile,
+    pkg: i64,
+    target: Target,
+    hosts: HostsToDo,
 }
 
 struct Daemon {
@@ -60,58 +114,39 @@ struct Daemon {
     unrouted: HashMap<PathBuf, (u64, i64)>,
     spool: Option<PathBuf>,
     batch: Vec<Item>,
+    /// The drop directories (canonical): nothing below them is reached
+    /// through a symlink.
+    roots: Vec<PathBuf>,
+    /// Files whose journal write failed: the watcher forgets it reported
+    /// them, so the next rescan (periodic or SIGHUP) hands them over again.
+    redo: Vec<PathBuf>,
+    /// The canonical drop dirs as started, when they came from the config
+    /// (compared with a reloaded config's, which need a restart).
+    config_dirs: Option<Vec<PathBuf>>,
+    /// At most this many packages pending (each holds its descriptor open).
+    max_open: usize,
+    /// Complete files that came while `max_open` packages were pending,
+    /// (path, size, mtime): judged again, in order, as packages finish.
+    backlog: VecDeque<(PathBuf, u64, i64)>,
+    backlogged: HashSet<PathBuf>,
 }
 
+/// `dispatch watch [DIR…]`: resolve the directories, open the journal,
+/// start the watcher, serve until SIGTERM/SIGINT, then drain.
 pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     let config = g.load_config()?;
     let netrc = g.load_netrc()?;
-    let mut dirs = if dirs.is_empty() {
-        config.settings.watch.clone()
-    } else {
-        dirs
-    };
-    let spool = config.settings.spool_dir.clone();
-    if let Some(s) = &spool {
-        std::fs::create_dir_all(s)
-            .map_err(|e| Error::Fatal(format!("{}: cannot create spool dir: {e}", s.display())))?;
-        if !dirs.contains(s) {
-            dirs.push(s.clone());
-        }
-    }
-    if dirs.is_empty() {
-        return Err(Error::Usage(
-            "no drop directory: pass DIR… or set `watch` in [dispatch]".into(),
-        ));
-    }
-    for d in &dirs {
-        if !d.is_dir() {
-            return Err(Error::Fatal(format!(
-                "{}: drop directory does not exist",
-                d.display()
-            )));
-        }
-    }
-    let journal = Journal::open(&config.settings.state_dir)
-        .map_err(|e| Error::Fatal(format!("journal: {e}")))?;
-
+    let dirs = DropDirs::resolve(&config, dirs)?;
+    let journal = open_journal(&config.settings.state_dir)?;
     let signals = signal_channel()?;
+    // kept for as long as the daemon runs: the channel never closes
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
-    let opts = watch_options(&config, spool.is_some());
-    let watcher = Watcher::start(&dirs, opts, ready_tx.clone())
-        .map_err(|e| Error::Fatal(format!("watch: {e}")))?;
-    log::info!(
-        "watching {} (settle {:.1}s, rescan {:.0}s)",
-        dirs.iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        config.settings.settle.as_secs_f64(),
-        config.settings.rescan.as_secs_f64()
-    );
+    let watcher = start_watcher(&config, &dirs, ready_tx.clone())?;
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
+    let max_open = crate::app::open_file_budget(crate::app::jobs(g, &config));
     let mut d = Daemon {
         g: g.clone(),
-        pool: crate::cli::pool(g, &config),
+        pool: cli::pool(g, &config),
         config: Arc::new(config),
         netrc: Arc::new(netrc),
         journal: Arc::new(journal),
@@ -119,62 +154,136 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
         pending: HashMap::new(),
         retries: Vec::new(),
         unrouted: HashMap::new(),
-        spool,
+        spool: dirs.spool,
         batch: Vec::new(),
+        roots: dirs.all,
+        redo: Vec::new(),
+        config_dirs: dirs.from_config,
+        max_open,
+        backlog: VecDeque::new(),
+        backlogged: HashSet::new(),
     };
-    let ticker = tick(Duration::from_millis(250));
-    let mut stopping = false;
-    loop {
-        select! {
-            recv(ready_rx) -> r => {
-                if let Ok(r) = r {
-                    d.on_ready(r);
-                    // take what else is already waiting into the same batch
-                    while let Ok(r) = ready_rx.try_recv() {
-                        d.on_ready(r);
-                    }
-                    d.flush();
-                }
-            }
-            recv(out_rx) -> o => {
-                if let Ok(o) = o {
-                    d.on_outcome(o);
-                }
-            }
-            recv(signals) -> s => match s {
-                Ok(signal_hook::consts::SIGHUP) => {
-                    d.reload();
-                    watcher.rescan_now();
-                }
-                Ok(_) | Err(_) => {
-                    stopping = true;
-                }
-            },
-            recv(ticker) -> _ => d.due_retries(),
-        }
-        if stopping {
-            break;
-        }
+    let channels = Channels {
+        ready: ready_rx,
+        outcomes: out_rx,
+        signals,
+    };
+    if let Err(e) = d.serve(&watcher, &channels) {
+        watcher.stop();
+        return Err(journal_lost(&d.journal, e));
     }
     log::info!("stopping: no new files taken; waiting for work in flight");
     watcher.stop();
-    let deadline = Instant::now() + DRAIN_LIMIT;
-    while d.in_flight() > 0 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            log::warn!(
-                "stopping with {} file × host still in flight; they are redone on restart",
-                d.in_flight()
-            );
-            break;
-        }
-        match out_rx.recv_timeout(left) {
-            Ok(o) => d.on_outcome(o),
-            Err(_) => continue,
-        }
-    }
+    d.drain(&channels.outcomes);
     log::info!("stopped");
+    drop(ready_tx);
     Ok(code::OK)
+}
+
+/// The directories the daemon watches, canonical (inotify reports absolute
+/// paths: only canonical ones are compared).
+struct DropDirs {
+    /// Every directory watched: the drop dirs and the spool.
+    all: Vec<PathBuf>,
+    spool: Option<PathBuf>,
+    /// The drop dirs (without the spool) when they came from the config.
+    from_config: Option<Vec<PathBuf>>,
+}
+
+impl DropDirs {
+    /// `args`, else `watch` in the config; and `spool_dir` (created).
+    fn resolve(config: &Config, args: Vec<PathBuf>) -> Result<DropDirs, Error> {
+        let from_config = args.is_empty();
+        let dirs = if from_config {
+            config.settings.watch.clone()
+        } else {
+            args
+        };
+        let spool = config.settings.spool_dir.clone();
+        if let Some(s) = &spool {
+            std::fs::create_dir_all(s).map_err(|cause| Error::SpoolDir {
+                path: s.clone(),
+                cause,
+            })?;
+        }
+        if dirs.is_empty() && spool.is_none() {
+            return Err(UsageError::NoDropDir.into());
+        }
+        for d in &dirs {
+            if !d.is_dir() {
+                return Err(Error::DropDirMissing { path: d.clone() });
+            }
+        }
+        let canon = |ds: &[PathBuf]| canonical_dirs(ds).map_err(Error::DropDir);
+        let mut all = canon(&dirs)?;
+        let spool = match spool {
+            Some(s) => canon(&[s])?.pop(),
+            None => None,
+        };
+        if let Some(s) = &spool {
+            if !all.contains(s) {
+                all.push(s.clone());
+            }
+        }
+        let from_config = from_config.then(|| {
+            all.iter()
+                .filter(|d| Some(*d) != spool.as_ref())
+                .cloned()
+                .collect()
+        });
+        Ok(DropDirs {
+            all,
+            spool,
+            from_config,
+        })
+    }
+}
+
+fn start_watcher(
+    config: &Config,
+    dirs: &DropDirs,
+    ready: crossbeam_channel::Sender<Ready>,
+) -> Result<Watcher, Error> {
+    let opts = watch_options(config, dirs.spool.is_some());
+    let watcher = Watcher::start(&dirs.all, opts, ready).map_err(Error::Watch)?;
+    log::info!(
+        "watching {} (settle {:.1}s, rescan {:.0}s)",
+        dirs.all
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.settings.settle.as_secs_f64(),
+        config.settings.rescan.as_secs_f64()
+    );
+    Ok(watcher)
+}
+
+/// What the main loop waits on.
+struct Channels {
+    ready: Receiver<Ready>,
+    outcomes: Receiver<Outcome>,
+    signals: Receiver<i32>,
+}
+
+/// The journal, or why the daemon cannot start: a journal that exists but is
+/// unusable (empty, not a journal, deleted with its WAL left) is never
+/// replaced by a fresh one behind the operator's back — that would send
+/// every file in the drop directories again.
+fn open_journal(state_dir: &Path) -> Result<Journal, Error> {
+    Journal::open(state_dir).map_err(Error::JournalNotStarted)
+}
+
+/// The journal file was deleted, replaced or truncated under the daemon:
+/// save what it still sees and stop, loudly.
+fn journal_lost(j: &Journal, cause: journal::JournalError) -> Error {
+    let e = Error::JournalLost(Box::new(LostJournal {
+        cause,
+        path: j.path().to_path_buf(),
+        saved: j.save_copy(),
+    }));
+    log::error!("{e}");
+    e
 }
 
 fn watch_options(config: &Config, has_spool: bool) -> WatchOptions {
@@ -192,8 +301,13 @@ fn watch_options(config: &Config, has_spool: bool) -> WatchOptions {
 /// SIGHUP, SIGTERM, SIGINT as a channel.
 fn signal_channel() -> Result<Receiver<i32>, Error> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .map_err(|e| Error::Fatal(format!("cannot install signal handlers: {e}")))?;
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM]).map_err(|cause| {
+            Error::Signals {
+                step: SignalStep::InstallHandlers,
+                cause,
+            }
+        })?;
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("signals".into())
@@ -204,25 +318,81 @@ fn signal_channel() -> Result<Receiver<i32>, Error> {
                 }
             }
         })
-        .map_err(|e| Error::Fatal(format!("cannot start signal thread: {e}")))?;
+        .map_err(|cause| Error::Signals {
+            step: SignalStep::StartThread,
+            cause,
+        })?;
     Ok(rx)
 }
 
-/// The hook metadata beside a spooled file, if any.
-fn hook_source(path: &Path) -> Option<Source> {
-    let meta = path.parent()?.join(HOOK_META);
-    let text = std::fs::read_to_string(meta).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    Some(Source::Hook {
-        vcs: s("vcs"),
-        repo: s("repo"),
-        rev: s("rev"),
-        author: s("author"),
-    })
-}
-
 impl Daemon {
+    /// The main loop, until SIGTERM/SIGINT; an error when the journal file
+    /// is lost under the daemon.
+    fn serve(&mut self, watcher: &Watcher, ch: &Channels) -> Result<(), journal::JournalError> {
+        let ticker = tick(Duration::from_millis(250));
+        loop {
+            let stopping = self.wait_once(watcher, ch, &ticker);
+            for p in self.redo.drain(..) {
+                watcher.forget(p);
+            }
+            self.journal.check_file()?;
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Handle the next thing that happens; true on SIGTERM/SIGINT.
+    fn wait_once(&mut self, watcher: &Watcher, ch: &Channels, ticker: &Receiver<Instant>) -> bool {
+        select! {
+            recv(ch.ready) -> r => {
+                if let Ok(r) = r {
+                    self.on_ready(r);
+                    // take what else is already waiting into the same batch
+                    while let Ok(r) = ch.ready.try_recv() {
+                        self.on_ready(r);
+                    }
+                    self.flush();
+                }
+            }
+            recv(ch.outcomes) -> o => {
+                if let Ok(o) = o {
+                    self.outcome(o);
+                    self.admit();
+                }
+            }
+            recv(ch.signals) -> s => match s {
+                Ok(signal_hook::consts::SIGHUP) => {
+                    self.reload();
+                    watcher.rescan_now();
+                }
+                Ok(_) | Err(_) => return true,
+            },
+            recv(ticker) -> _ => self.due_retries(),
+        }
+        false
+    }
+
+    /// After the watcher stopped: let work in flight finish, up to
+    /// [`DRAIN_LIMIT`].
+    fn drain(&mut self, outcomes: &Receiver<Outcome>) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while self.in_flight() > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "stopping with {} file × host still in flight; they are redone on restart",
+                    self.in_flight()
+                );
+                break;
+            }
+            match outcomes.recv_timeout(left) {
+                Ok(o) => self.outcome(o),
+                Err(_) => continue,
+            }
+        }
+    }
+
     fn in_flight(&self) -> usize {
         self.pending.values().map(|p| p.in_flight.len()).sum()
     }
@@ -250,96 +420,196 @@ impl Daemon {
         }
     }
 
-    /// A complete file: decide whether (and to which hosts) it goes.
+    /// The drop directory `path` is in (the deepest, if they nest).
+    fn root_of(&self, path: &Path) -> Option<&Path> {
+        self.roots
+            .iter()
+            .filter(|r| path.starts_with(r))
+            .max_by_key(|r| r.as_os_str().len())
+            .map(PathBuf::as_path)
+    }
+
+    /// A complete file: decide whether (and to which hosts) it goes:
+    /// route → open → identity → hosts left to do → enqueue.
     fn consider(&mut self, path: PathBuf, size: u64, mtime_ns: i64) {
-        let name = base_name(&path);
-        let Some(mut item) = Item::new(&self.config, path.clone()) else {
-            if self
-                .unrouted
-                .insert(path.clone(), (size, mtime_ns))
-                .is_none()
-            {
-                log::warn!("{name}: no route matches; left in place (re-checked on SIGHUP)");
-            }
+        let Some(item) = self.route(&path, size, mtime_ns) else {
             return;
         };
-        self.unrouted.remove(&path);
-        let route = &self.config.routes[item.route];
-        let done_state = if route.install_command.is_some() {
-            State::Installed
-        } else {
-            State::Uploaded
-        };
-        let hosts = route.hosts.clone();
-        let section = route.section.clone();
-        let j = Arc::clone(&self.journal);
-        // cheap check first: same path, size and mtime as a package we know
-        let known = match j.lookup(&path, size, mtime_ns) {
-            Ok(p) => p,
+        // opened once, no symlink followed below the drop dir: what is
+        // judged, hashed and sent is this one descriptor
+        let mut local = match LocalFile::open(&path, Follow::NoSymlinksBelow, self.root_of(&path)) {
+            Ok(l) => l,
             Err(e) => {
-                log::error!("{name}: journal: {e}");
+                log::warn!("{}: not sent: {e}", path.display());
                 return;
             }
         };
-        let pkg = match known {
-            Some(p) => p.id,
-            None => {
-                let id = match journal::file_identity(&path) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        log::warn!("{}: cannot read: {e}", path.display());
-                        return;
-                    }
-                };
-                // touched but unchanged: the same content under the same path
-                if let Ok(Some(p)) = j.lookup_by_hash(&path, &id.sha256) {
-                    if j.is_done(p.id, &hosts, done_state).unwrap_or(false) {
-                        log::debug!(
-                            "{name}: content unchanged since it was dispatched; not sent again"
-                        );
-                        return;
-                    }
-                }
-                let source = hook_source(&path).unwrap_or(Source::Watch);
-                match j.add_package(&id, Some(&section), &source) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        log::error!("{name}: journal: {e}");
-                        return;
-                    }
-                }
-            }
+        let target = Target::of(&self.config, &item);
+        let Some(pkg) = self.identify(&path, &mut local, &target) else {
+            return;
         };
         if self.pending.contains_key(&pkg) {
             return; // already being worked on
         }
-        let states = j.host_states(pkg).unwrap_or_default();
+        let Some(hosts) = self.hosts_to_do(&path, pkg, &target) else {
+            return;
+        };
+        if self.pending.len() >= self.max_open {
+            // its descriptor is closed now; it is judged again when there is room
+            if self.backlogged.insert(path.clone()) {
+                if self.backlog.is_empty() {
+                    log::info!(
+                        "{} packages in flight: further files wait their turn",
+                        self.max_open
+                    );
+                }
+                self.backlog.push_back((path, size, mtime_ns));
+            }
+            return;
+        }
+        self.enqueue(Judged {
+            path,
+            item,
+            file: local,
+            pkg,
+            target,
+            hosts,
+        });
+    }
+
+    /// The file's route; a file no route takes is remembered (re-checked on
+    /// SIGHUP) and reported once.
+    fn route(&mut self, path: &Path, size: u64, mtime_ns: i64) -> Option<Item> {
+        match Item::new(&self.config, path.to_path_buf()) {
+            Ok(item) => {
+                self.unrouted.remove(path);
+                Some(item)
+            }
+            Err(e) => {
+                if self
+                    .unrouted
+                    .insert(path.to_path_buf(), (size, mtime_ns))
+                    .is_none()
+                {
+                    match e {
+                        Unroutable::NoRoute => log::warn!(
+                            "{}: no route matches; left in place (re-checked on SIGHUP)",
+                            base_name(path)
+                        ),
+                        Unroutable::BadName(why) => {
+                            log::error!("{}: {why}; left in place", path.display())
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// The journal's package for the file: known by (path, size, mtime),
+    /// else by content (added to the journal). None when it is not sent now:
+    /// its content is unchanged and done on every host, it cannot be read,
+    /// or the journal failed (then it is redone at the next rescan).
+    fn identify(&mut self, path: &Path, local: &mut LocalFile, t: &Target) -> Option<i64> {
+        let name = base_name(path);
+        let j = Arc::clone(&self.journal);
+        // cheap check first: same path, size and mtime as a package we know
+        let known = match j.lookup(path, local.size, local.mtime_ns) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("{name}: {e}; not sent now, redone at the next rescan");
+                self.redo.push(path.to_path_buf());
+                return None;
+            }
+        };
+        if let Some(p) = known {
+            return Some(p.id);
+        }
+        let id = match local.identity(true) {
+            Ok(id) => id,
+            Err(e) => {
+                log::warn!("{}: cannot read: {e}", path.display());
+                return None;
+            }
+        };
+        // touched but unchanged: the same content under the same path
+        if let Ok(Some(p)) = j.lookup_by_hash(path, &id.sha256) {
+            if j.is_done(p.id, &t.hosts, t.done_state).unwrap_or(false) {
+                log::debug!("{name}: content unchanged since it was dispatched; not sent again");
+                return None;
+            }
+        }
+        let source = spool::source_of(path).unwrap_or(Source::Watch);
+        match j.add_package(&id, Some(&t.section), &source) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                log::error!("{name}: {e}; not sent now, redone at the next rescan");
+                self.redo.push(path.to_path_buf());
+                None
+            }
+        }
+    }
+
+    /// Which of the route's hosts the package is done on, and which are
+    /// left; None when none is left.
+    fn hosts_to_do(&self, path: &Path, pkg: i64, t: &Target) -> Option<HostsToDo> {
+        let name = base_name(path);
+        let states = self.journal.host_states(pkg).unwrap_or_default();
         let ok: HashSet<String> = states
             .iter()
-            .filter(|(_, s, _)| *s == done_state || (*s == State::Installed))
+            .filter(|(_, s, _)| *s == t.done_state || (*s == State::Installed))
             .map(|(h, _, _)| h.clone())
             .collect();
-        let todo: Vec<String> = hosts.iter().filter(|h| !ok.contains(*h)).cloned().collect();
+        let todo: Vec<String> = t
+            .hosts
+            .iter()
+            .filter(|h| !ok.contains(*h))
+            .cloned()
+            .collect();
         if todo.is_empty() {
             log::debug!("{name}: already done on every host");
-            return;
+            return None;
         }
         if !ok.is_empty() || states.iter().any(|(_, s, _)| *s != State::Queued) {
             log::info!("{name}: resuming: left to do on {}", todo.join(", "));
         }
         let attempts = states.iter().map(|(h, _, a)| (h.clone(), *a)).collect();
+        Some(HostsToDo { ok, todo, attempts })
+    }
+
+    /// Into the next batch, and pending until every host has an outcome.
+    fn enqueue(&mut self, p: Judged) {
+        let Judged {
+            path,
+            mut item,
+            file,
+            pkg,
+            target,
+            hosts,
+        } = p;
+        let placed = if target.installs {
+            job::placed_uploads(&self.journal, pkg)
+        } else {
+            BTreeMap::new()
+        };
+        let file = Arc::new(file);
         item.package = Some(pkg);
-        item.only_hosts = Some(todo.clone());
+        item.only_hosts = Some(hosts.todo.clone());
+        item.stale_temps = job::stale_temps(&self.journal, pkg);
+        item.resume = placed.clone();
+        item.file = Some(Arc::clone(&file));
         self.pending.insert(
             pkg,
             Pending {
-                path: path.clone(),
-                route_hosts: hosts,
-                in_flight: todo.into_iter().collect(),
-                ok,
-                attempts,
-                parked: HashSet::new(),
                 from_spool: self.is_spooled(&path),
+                path,
+                route_hosts: target.hosts,
+                in_flight: hosts.todo.into_iter().collect(),
+                ok: hosts.ok,
+                attempts: hosts.attempts,
+                parked: HashSet::new(),
+                file,
+                placed,
             },
         );
         self.batch.push(item);
@@ -358,8 +628,38 @@ impl Daemon {
             journal: Some(Arc::clone(&self.journal)),
             when: chrono::Local::now(),
             dry_run: self.g.dry_run,
+            sinks: Vec::new(),
         };
         batch.run(items, &self.pool, self.out_tx.clone());
+    }
+
+    /// An outcome whose final state the journal could not record is not
+    /// done, whatever it says: the host is dropped from this round (no
+    /// `after` for the file) and the file is redone when next seen.
+    fn outcome(&mut self, o: Outcome) {
+        let unrecorded = match o.package {
+            Some(pkg) if o.ok => self.journal.take_unrecorded(pkg, &o.host),
+            Some(pkg) => {
+                let _ = self.journal.take_unrecorded(pkg, &o.host);
+                None
+            }
+            None => None,
+        };
+        let (Some(why), Some(pkg)) = (unrecorded, o.package) else {
+            return self.on_outcome(o);
+        };
+        let Some(p) = self.pending.get_mut(&pkg) else {
+            return;
+        };
+        p.in_flight.remove(&o.host);
+        log::error!(
+            "{}: {}: {} but not recorded ({why}); not counted as done, redone at the next rescan",
+            o.file,
+            o.host,
+            o.state
+        );
+        self.redo.push(p.path.clone());
+        self.settle_package(pkg);
     }
 
     fn on_outcome(&mut self, o: Outcome) {
@@ -379,13 +679,21 @@ impl Daemon {
                 o.transport.as_deref().unwrap_or("-")
             );
         } else {
+            if let Some(dir) = &o.uploaded_to {
+                p.placed.insert(o.host.clone(), dir.clone());
+            }
             let n = p.attempts.entry(o.host.clone()).or_insert(0);
             *n += 1;
             let err = o.error.as_deref().unwrap_or("failed");
-            if *n < max {
-                let backoff = Duration::from_secs(2u64.saturating_pow(*n).min(300));
+            if o.retry && *n < max {
+                let backoff = DAEMON_BACKOFF.delay(*n);
+                let what = if o.uploaded_to.is_some() {
+                    "the install is redone where the file is"
+                } else {
+                    "next try"
+                };
                 log::warn!(
-                    "{}: {}: failed (attempt {n} of {max}): {err}; next try in {}s",
+                    "{}: {}: failed (attempt {n} of {max}): {err}; {what} in {}s",
                     o.file,
                     o.host,
                     backoff.as_secs()
@@ -394,8 +702,13 @@ impl Daemon {
                     .push((Instant::now() + backoff, pkg, o.host.clone()));
                 p.in_flight.insert(o.host.clone());
             } else {
+                let why = if o.retry {
+                    format!("failed {n} times")
+                } else {
+                    "failed (not retried: a failed install or a refusal does not change by uploading again)".to_string()
+                };
                 log::error!(
-                    "{}: {}: failed {n} times, parked (retried on SIGHUP or restart): {err}",
+                    "{}: {}: {why}, parked (retried on SIGHUP or restart): {err}",
                     o.file,
                     o.host
                 );
@@ -427,30 +740,16 @@ impl Daemon {
         }
     }
 
+    /// Done on every host: `after` (a spooled file is the spool's to clear).
     fn after(&self, p: &Pending) {
-        let action = if p.from_spool {
-            // spooled files are copies made by a hook
-            After::Delete
-        } else {
-            self.config.settings.after.clone()
-        };
-        match action {
+        if p.from_spool {
+            return spool::consume(&p.path, self.spool.as_deref());
+        }
+        match self.config.settings.after.clone() {
             After::Keep => {}
             After::Delete => {
                 if let Err(e) = std::fs::remove_file(&p.path) {
                     log::warn!("{}: cannot delete after dispatch: {e}", p.path.display());
-                }
-                if p.from_spool {
-                    if let Some(dir) = p.path.parent() {
-                        // the hook's directory, once only its metadata is left
-                        let only_meta = std::fs::read_dir(dir)
-                            .map(|rd| rd.flatten().all(|e| e.file_name() == HOOK_META))
-                            .unwrap_or(false);
-                        if only_meta && Some(dir) != self.spool.as_deref() {
-                            let _ = std::fs::remove_file(dir.join(HOOK_META));
-                            let _ = std::fs::remove_dir(dir);
-                        }
-                    }
                 }
             }
             After::Move(dir) => {
@@ -474,6 +773,19 @@ impl Daemon {
         }
     }
 
+    /// Judge waiting files while fewer than `max_open` packages are
+    /// pending, and start them.
+    fn admit(&mut self) {
+        while self.pending.len() < self.max_open {
+            let Some((path, size, mtime_ns)) = self.backlog.pop_front() else {
+                break;
+            };
+            self.backlogged.remove(&path);
+            self.consider(path, size, mtime_ns);
+        }
+        self.flush();
+    }
+
     fn due_retries(&mut self) {
         let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
@@ -495,7 +807,7 @@ impl Daemon {
             return;
         };
         let path = p.path.clone();
-        let Some(mut item) = Item::new(&self.config, path.clone()) else {
+        let Ok(mut item) = Item::new(&self.config, path.clone()) else {
             log::warn!("{}: no longer routed; dropped", path.display());
             self.pending.remove(&pkg);
             return;
@@ -506,8 +818,46 @@ impl Daemon {
             return;
         }
         item.package = Some(pkg);
+        item.resume = p
+            .placed
+            .iter()
+            .filter(|(h, _)| hosts.contains(h))
+            .map(|(h, d)| (h.clone(), d.clone()))
+            .collect();
+        item.stale_temps = job::stale_temps(&self.journal, pkg);
+        item.file = Some(Arc::clone(&p.file));
         item.only_hosts = Some(hosts);
         self.batch.push(item);
+    }
+
+    /// Drop dirs and spool_dir are taken at start: say so if a reloaded
+    /// config names others (compared canonically: `drop` and `./drop/` are
+    /// the same directory).
+    fn dirs_unchanged(&self, c: &Config) {
+        let canon = |ds: &[PathBuf]| canonical_dirs(ds).unwrap_or_else(|_| ds.to_vec());
+        let spool = c
+            .settings
+            .spool_dir
+            .as_ref()
+            .map(|s| canon(std::slice::from_ref(s)));
+        if spool != self.spool.clone().map(|s| vec![s]) {
+            log::warn!(
+                "{}: spool_dir changed; it takes effect at the next start",
+                c.path.display()
+            );
+        }
+        if let Some(old) = &self.config_dirs {
+            let new: Vec<PathBuf> = canon(&c.settings.watch)
+                .into_iter()
+                .filter(|d| Some(d) != self.spool.as_ref())
+                .collect();
+            if &new != old {
+                log::warn!(
+                    "{}: watch changed; it takes effect at the next start",
+                    c.path.display()
+                );
+            }
+        }
     }
 
     /// SIGHUP: reload the config, retry parked failures and unrouted files.
@@ -519,6 +869,7 @@ impl Daemon {
                     c.path.display(),
                     c.routes.len()
                 );
+                self.dirs_unchanged(&c);
                 self.config = Arc::new(c);
             }
             Err(e) => {

@@ -12,97 +12,77 @@
 //! is not tried again for the batch's other files.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Local};
 use crossbeam_channel::{Receiver, Sender};
-use serde::Serialize;
 
 use crate::config::{Config, Route, Transport, Verify};
 use crate::credentials::{self, Netrc};
-use crate::journal::{Detail, Journal, State};
+use crate::event::{Bus, Event, EventKind, JournalSink, LogSink, Sink};
+use crate::journal::{Journal, State};
+use crate::lock::{self, Lock};
+use crate::plan::{self, Delivery, Step};
 use crate::route::{self, remote_join, shell_quote, Routed};
+use crate::script::{install_script, publish_script, verify_script, CANNOT_CD, VERIFY_FAILED};
+use crate::transport::error::joined;
 use crate::transport::ftp::{FtpSession, FtpTarget};
 use crate::transport::ssh::{SshSession, SshTarget};
-use crate::transport::{ErrorKind, TransferError};
+use crate::transport::{
+    Cause, ErrorKind, Op, Protocol, Source, TransferError, Upload, Uploaded, Uploader,
+};
 
-/// A file to send, already routed.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub path: PathBuf,
-    pub name: String,
-    /// Index of the route in `config.routes`.
-    pub route: usize,
-    pub groups: BTreeMap<String, String>,
-    /// Journal package id, if recorded.
-    pub package: Option<i64>,
-    /// Send to these hosts of the route only (a retry); `None` = all.
-    pub only_hosts: Option<Vec<String>>,
+pub use crate::event::{journaled_reason, Outcome};
+pub use crate::plan::Item;
+
+/// Temporary files that interrupted or broken attempts of `pkg` may have
+/// left, by host: the journal names the temporary file while an upload is
+/// in flight, and keeps the name if the attempt ended before the file was
+/// in place (a crash, or a failure whose connection was gone).
+pub fn stale_temps(j: &Journal, pkg: i64) -> BTreeMap<String, String> {
+    j.remote_paths(pkg)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(h, _, p)| Some((h, p?)))
+        .filter(|(_, p)| is_temp_path(p))
+        .collect()
 }
 
-impl Item {
-    pub fn new(config: &Config, path: PathBuf) -> Option<Item> {
-        let r = route::route(config, &path)?;
-        let idx = config
-            .routes
-            .iter()
-            .position(|x| std::ptr::eq(x, r.route))?;
-        Some(Item {
-            name: r.name,
-            groups: r.groups,
-            route: idx,
-            path,
-            package: None,
-            only_hosts: None,
+/// Verified uploads of `pkg` already in place, by host (host → dir), for
+/// a route with an install command: installed there on restart.
+pub fn placed_uploads(j: &Journal, pkg: i64) -> BTreeMap<String, String> {
+    j.remote_paths(pkg)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, st, _)| *st == State::Uploaded)
+        .filter_map(|(h, _, p)| {
+            let p = p?;
+            let (dir, _) = p.rsplit_once('/')?;
+            dir.starts_with('/').then(|| (h, dir.to_string()))
         })
-    }
-
-    fn routed<'c>(&self, config: &'c Config) -> Routed<'c> {
-        Routed {
-            route: &config.routes[self.route],
-            name: self.name.clone(),
-            groups: self.groups.clone(),
-        }
-    }
+        .collect()
 }
 
-/// How one file × host ended.
-#[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    pub file: String,
-    pub path: String,
-    pub host: String,
-    pub section: String,
-    /// `installed`, `uploaded` (no install command), `failed`.
-    pub state: String,
-    pub ok: bool,
-    pub transport: Option<String>,
-    pub fallback_reason: Option<String>,
-    pub remote_path: Option<String>,
-    pub bytes: u64,
-    pub attempts: u32,
-    pub exit_status: Option<i32>,
-    pub output_tail: Option<String>,
-    pub error: Option<String>,
-    pub elapsed_ms: u64,
-    #[serde(skip)]
-    pub package: Option<i64>,
+/// A name [`crate::transport::temp_name`] made.
+fn is_temp_path(p: &str) -> bool {
+    let base = p.rsplit('/').next().unwrap_or(p);
+    base.starts_with(".dispatch-") && base.ends_with(".part")
 }
 
 /// Work for one connection: same host, port, login, transports.
 struct Group {
     host: String,
     route: usize,
-    rx: Receiver<Item>,
+    rx: Receiver<Delivery>,
 }
 
-/// State shared by the lanes of one host: a host that failed for good is not
-/// tried again in this batch; a transport that cannot be used is skipped.
+/// State shared by the lanes of one connection (host, port, login, …): one
+/// that failed for good is not tried again in this batch; a transport that
+/// cannot be used is skipped.
 #[derive(Default)]
 struct HostState {
-    dead: Option<String>,
+    dead: Option<TransferError>,
     /// transport → why it is unusable (auth rejected, unreachable…)
     unusable: Vec<(Transport, TransferError)>,
 }
@@ -113,76 +93,49 @@ pub struct Batch {
     pub journal: Option<Arc<Journal>>,
     pub when: DateTime<Local>,
     pub dry_run: bool,
+    /// Subscribers after the log and the journal (the console).
+    pub sinks: Vec<Arc<dyn Sink>>,
 }
 
 impl Batch {
     /// Dispatch `items` to every host of their routes on `pool`; one
     /// [`Outcome`] per file × host is sent to `out` as it completes.
     pub fn run(&self, items: Vec<Item>, pool: &threadpool::ThreadPool, out: Sender<Outcome>) {
-        // group by (route's connection parameters, host)
-        struct Pending {
-            host: String,
-            route: usize,
-            tx: Sender<Item>,
-            rx: Receiver<Item>,
-            count: usize,
-        }
-        let mut groups: Vec<Pending> = Vec::new();
-        for item in items {
-            let route = &self.config.routes[item.route];
-            for host in &route.hosts {
-                if item.only_hosts.as_ref().is_some_and(|o| !o.contains(host)) {
-                    continue;
-                }
-                let pos = groups.iter().position(|g| {
-                    &g.host == host && same_connection(&self.config.routes[g.route], route)
+        let bus = Arc::new(self.bus());
+        for c in plan::plan(&self.config, &items).connections {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            for d in c.deliveries {
+                bus.emit(&Event {
+                    package: d.item.package,
+                    file: d.item.name.clone(),
+                    host: c.host.clone(),
+                    kind: EventKind::Queued,
                 });
-                let pos = match pos {
-                    Some(p) => p,
-                    None => {
-                        let (tx, rx) = crossbeam_channel::unbounded();
-                        groups.push(Pending {
-                            host: host.clone(),
-                            route: item.route,
-                            tx,
-                            rx,
-                            count: 0,
-                        });
-                        groups.len() - 1
-                    }
-                };
-                if let (Some(j), Some(pkg)) = (&self.journal, item.package) {
-                    journal_state(j, pkg, host, State::Queued, &Detail::default());
-                }
-                let g = &mut groups[pos];
-                let _ = g.tx.send(item.clone());
-                g.count += 1;
+                let _ = tx.send(d);
             }
-        }
-        let per_host = self.config.settings.max_sessions_per_host;
-        let mut host_states: BTreeMap<String, Arc<Mutex<HostState>>> = BTreeMap::new();
-        for Pending {
-            host,
-            route,
-            tx,
-            rx,
-            count,
-        } in groups
-        {
             drop(tx);
-            let hs = Arc::clone(host_states.entry(host.clone()).or_default());
-            let group = Arc::new(Group { host, route, rx });
-            for _ in 0..per_host.min(count) {
+            // per connection (host, port, login, …): a closed port or a
+            // rejected login says nothing about another route to the host
+            let hs: Arc<Mutex<HostState>> = Arc::default();
+            let group = Arc::new(Group {
+                host: c.host,
+                route: c.route,
+                rx,
+            });
+            for _ in 0..c.lanes {
                 let lane = Lane {
                     config: Arc::clone(&self.config),
                     netrc: Arc::clone(&self.netrc),
-                    journal: self.journal.clone(),
+                    bus: Arc::clone(&bus),
                     when: self.when,
                     dry_run: self.dry_run,
                     group: Arc::clone(&group),
                     host_state: Arc::clone(&hs),
                     ssh: None,
                     ftp: None,
+                    leftovers: Vec::new(),
+                    steps: Vec::new(),
+                    current: (None, String::new()),
                 };
                 let out = out.clone();
                 pool.execute(move || lane.drain(out));
@@ -191,42 +144,85 @@ impl Batch {
     }
 }
 
-fn same_connection(a: &Route, b: &Route) -> bool {
-    a.port == b.port
-        && a.ftp_port == b.ftp_port
-        && a.login == b.login
-        && a.password == b.password
-        && a.identity_file == b.identity_file
-        && a.transfer == b.transfer
-        && a.host_key_check == b.host_key_check
-        && a.known_hosts == b.known_hosts
-        && a.ftps == b.ftps
-}
+impl Batch {
+    /// The batch's subscribers: the log, the journal, then [`Batch::sinks`].
+    fn bus(&self) -> Bus {
+        let mut bus = Bus::new().with(Arc::new(LogSink));
+        if let Some(j) = &self.journal {
+            bus = bus.with(Arc::new(JournalSink(Arc::clone(j))));
+        }
+        self.sinks.iter().fold(bus, |b, s| b.with(Arc::clone(s)))
+    }
 
-fn journal_state(j: &Journal, pkg: i64, host: &str, state: State, d: &Detail) {
-    if let Err(e) = j.set_state(pkg, host, state, d) {
-        log::warn!("journal: cannot record {state} for {host}: {e}");
+    /// Tell the subscribers of an end no lane reported (its worker died).
+    pub fn announce(&self, o: &Outcome) {
+        self.bus().emit(&Event {
+            package: o.package,
+            file: o.file.clone(),
+            host: o.host.clone(),
+            kind: EventKind::Finished(Box::new(o.clone())),
+        });
     }
 }
 
 struct Lane {
     config: Arc<Config>,
     netrc: Arc<Netrc>,
-    journal: Option<Arc<Journal>>,
+    bus: Arc<Bus>,
     when: DateTime<Local>,
     dry_run: bool,
     group: Arc<Group>,
     host_state: Arc<Mutex<HostState>>,
     ssh: Option<SshSession>,
     ftp: Option<FtpSession>,
+    /// Temporary files a broken connection kept this lane from removing:
+    /// removed as soon as it has a session again.
+    leftovers: Vec<String>,
+    /// The plan's steps of the delivery in hand, and its package and name.
+    steps: Vec<Step>,
+    current: (Option<i64>, String),
 }
 
-/// What a successful upload left behind.
-struct Uploaded {
+/// A verified upload, under its final name on the host.
+struct Placed {
     transport: Transport,
     bytes: u64,
-    /// Installed (or finalised) in the same remote call.
-    done: Option<InstallResult>,
+    /// The remote directory, absolute (relative to the FTP login directory
+    /// only after an FTP upload to a host whose SSH is unusable).
+    dir: String,
+    /// The per-name install lock this upload holds on the host (see
+    /// [`crate::lock`]), released once the install has run.
+    lock: Option<Lock>,
+    /// The FTP session was not encrypted.
+    cleartext: bool,
+}
+
+/// Where one attempt puts the file, decided before it is sent.
+struct Target {
+    /// The directory the transport sends to: absolute for SCP, as the
+    /// route says for FTP.
+    upload_dir: String,
+    /// The directory the file ends up in, as the install sees it.
+    dir: String,
+    tmp_name: String,
+    /// The install lock, taken before the upload (FTP, where SSH works).
+    lock: Option<Lock>,
+    /// Take the install lock when publishing (SCP, an install follows).
+    lock_at_publish: bool,
+}
+
+impl Target {
+    /// The temporary file on the host.
+    fn tmp(&self) -> String {
+        remote_join(&self.dir, &self.tmp_name)
+    }
+}
+
+/// How sending failed: before anything was sent (no session), or in the
+/// upload.
+enum Failed {
+    Before(TransferError),
+    Upload(TransferError),
 }
 
 struct InstallResult {
@@ -237,8 +233,19 @@ struct InstallResult {
 
 impl Lane {
     fn drain(mut self, out: Sender<Outcome>) {
-        while let Ok(item) = self.group.rx.try_recv() {
-            let o = self.deliver(&item);
+        while let Ok(Delivery { item, steps }) = self.group.rx.try_recv() {
+            let started = Instant::now();
+            self.steps = steps;
+            self.current = (item.package, item.name.clone());
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(&item)));
+            let o = r.unwrap_or_else(|_| {
+                // the lane's sessions may be in any state: start afresh
+                self.ssh = None;
+                self.ftp = None;
+                let mut o = Outcome::start(&item, &self.group.host, self.route());
+                o.error = Some("internal error: the worker died (see the log)".into());
+                self.finish(&item, o, started)
+            });
             let _ = out.send(o);
         }
         if let Some(f) = self.ftp.take() {
@@ -250,10 +257,39 @@ impl Lane {
         &self.config.routes[self.group.route]
     }
 
-    fn record(&self, item: &Item, state: State, d: &Detail) {
-        if let (Some(j), Some(pkg)) = (&self.journal, item.package) {
-            journal_state(j, pkg, &self.group.host, state, d);
+    /// Does the plan have this step for the delivery in hand?
+    fn planned(&self, step: Step) -> bool {
+        self.steps.contains(&step)
+    }
+
+    /// Tell the bus (the journal, the log, …) what happened to `item` here.
+    fn emit(&self, item: &Item, kind: EventKind) {
+        self.bus.emit(&Event {
+            package: item.package,
+            file: item.name.clone(),
+            host: self.group.host.clone(),
+            kind,
+        });
+    }
+
+    /// A progress callback for `item` that emits [`EventKind::Progress`].
+    fn progress(&self, item: &Item, total: u64) -> impl FnMut(u64) {
+        let bus = Arc::clone(&self.bus);
+        let (package, file, host) = (item.package, item.name.clone(), self.group.host.clone());
+        move |bytes| {
+            bus.emit(&Event {
+                package,
+                file: file.clone(),
+                host: host.clone(),
+                kind: EventKind::Progress { bytes, total },
+            })
         }
+    }
+
+    /// Fold `kind` into the outcome, then emit it.
+    fn step(&self, item: &Item, o: &mut Outcome, kind: EventKind) {
+        o.apply(&kind);
+        self.emit(item, kind);
     }
 
     fn ssh_target(&self, route: &Route) -> SshTarget {
@@ -296,6 +332,14 @@ impl Lane {
         }
         if self.ssh.is_none() {
             let t = self.ssh_target(self.route());
+            self.bus.emit(&Event {
+                package: self.current.0,
+                file: self.current.1.clone(),
+                host: self.group.host.clone(),
+                kind: EventKind::Connecting {
+                    transport: Transport::Scp,
+                },
+            });
             match SshSession::connect(&t) {
                 Ok(s) => self.ssh = Some(s),
                 Err(e) => {
@@ -309,178 +353,137 @@ impl Lane {
         }
         match self.ssh.as_mut() {
             Some(s) => Ok(s),
-            None => Err(TransferError::new(ErrorKind::Connect, "no session")),
+            None => Err(TransferError::detail(
+                ErrorKind::Connect,
+                Op::Session,
+                Some(Protocol::Ssh),
+                &self.group.host,
+                "no session",
+            )),
         }
     }
 
+    /// Upload, verify, publish and install one file on this lane's host.
     fn deliver(&mut self, item: &Item) -> Outcome {
         let started = Instant::now();
-        let host = self.group.host.clone();
         let config = Arc::clone(&self.config);
         let routed = item.routed(&config);
+        let mut o = Outcome::start(item, &self.group.host, routed.route);
+        if let Err(e) = self.deliver_steps(item, &routed, &mut o) {
+            o.error = Some(e);
+        }
+        self.finish(item, o, started)
+    }
+
+    fn deliver_steps(
+        &mut self,
+        item: &Item,
+        routed: &Routed<'_>,
+        o: &mut Outcome,
+    ) -> Result<(), String> {
+        let host = self.group.host.clone();
         let route = routed.route;
-        let mut o = Outcome {
-            file: item.name.clone(),
-            path: item.path.display().to_string(),
-            host: host.clone(),
-            section: route.section.clone(),
-            state: "failed".into(),
-            ok: false,
-            transport: None,
-            fallback_reason: None,
-            remote_path: None,
-            bytes: 0,
-            attempts: 0,
-            exit_status: None,
-            output_tail: None,
-            error: None,
-            elapsed_ms: 0,
-            package: item.package,
-        };
-        let finish = |mut o: Outcome, lane: &Lane| {
-            o.elapsed_ms = started.elapsed().as_millis() as u64;
-            let d = Detail {
-                transport: o.transport.clone(),
-                fallback_reason: o.fallback_reason.clone(),
-                attempt: o.attempts,
-                remote_path: o.remote_path.clone(),
-                exit_status: o.exit_status,
-                output_tail: o.output_tail.clone(),
-                error: o.error.clone(),
-                elapsed_ms: Some(o.elapsed_ms),
-            };
-            let st = match o.state.as_str() {
-                "installed" => State::Installed,
-                "uploaded" => State::Uploaded,
-                _ => State::Failed,
-            };
-            lane.record(item, st, &d);
-            o
-        };
-        let dir = match route::dest_dir(&routed, &host, &self.when) {
-            Ok(d) => d,
-            Err(e) => {
-                o.error = Some(e.0);
-                return finish(o, self);
-            }
-        };
-        let remote = remote_join(&dir, &item.name);
-        o.remote_path = Some(remote.clone());
+        if crate::interrupt::requested() {
+            o.interrupted = true;
+            return Err("interrupted before it started".into());
+        }
+        let rel = route::dest_dir(routed, &host, &self.when).map_err(|e| e.0)?;
         if self.dry_run {
+            o.remote_path = Some(remote_join(&route::home_relative(&rel), &item.name));
             o.state = "dry-run".into();
             o.ok = true;
-            o.elapsed_ms = started.elapsed().as_millis() as u64;
-            return o;
+            return Ok(());
         }
         if let Some(reason) = self.host_state.lock().ok().and_then(|h| h.dead.clone()) {
-            o.error = Some(format!(
+            return Err(format!(
                 "{reason} (host already failed in this batch; not tried again)"
             ));
-            return finish(o, self);
         }
-        let install = route::install_command(&routed, &host, &dir);
-        self.record(item, State::Uploading, &Detail::default());
-
-        // ---- upload, with retries around the transport chain
-        let mut delay = route.retry_delay;
-        let mut attempt = 0;
-        let uploaded = loop {
-            attempt += 1;
-            o.attempts = attempt;
-            match self.upload_chain(item, route, &dir, install.as_deref(), &mut o) {
-                Ok(u) => break Ok(u),
-                Err(e) if e.kind.is_transient() && attempt <= route.retries => {
-                    log::warn!(
-                        "{}: {host}: attempt {attempt} failed: {e}; retrying in {:.1}s",
-                        item.name,
-                        delay.as_secs_f64()
-                    );
-                    std::thread::sleep(delay); // retry backoff
-                    delay = (delay * 2).min(Duration::from_secs(300));
-                }
-                Err(e) => break Err(e),
-            }
+        let resumed = item
+            .resume
+            .get(&host)
+            .filter(|_| self.planned(Step::CheckInPlace));
+        let placed = match resumed {
+            Some(dir) => self
+                .find_placed(item, route, dir)
+                .map_err(|e| e.to_string())?,
+            None => self.upload_with_retries(item, route, &rel, o)?,
         };
-        let up = match uploaded {
-            Ok(u) => u,
-            Err(e) => {
-                if matches!(
-                    e.kind,
-                    ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Auth | ErrorKind::HostKey
-                ) && !matches!(e.kind, ErrorKind::Verify)
-                {
-                    if let Ok(mut hs) = self.host_state.lock() {
-                        hs.dead.get_or_insert_with(|| e.msg.clone());
-                    }
-                }
-                log::error!("{}: {host}: failed: {e}", item.name);
-                o.error = Some(e.msg);
-                return finish(o, self);
-            }
+        // journaled now, before the install: a crash during the install
+        // installs this file where it is on restart, never uploads it again
+        let uploaded = EventKind::Uploaded {
+            transport: placed.transport,
+            bytes: placed.bytes,
+            remote_path: remote_join(&placed.dir, &item.name),
+            attempt: o.attempts,
+            fallback_reason: o.fallback_reason.clone(),
+            cleartext: placed.cleartext,
+            resumed: resumed.is_some(),
         };
-        o.transport = Some(up.transport.to_string());
-        o.bytes = up.bytes;
-        log::info!(
-            "{}: {host}: uploaded {} bytes by {} in {:.2}s",
-            item.name,
-            up.bytes,
-            up.transport,
-            started.elapsed().as_secs_f64()
-        );
-        self.record(
-            item,
-            State::Uploaded,
-            &Detail {
-                transport: o.transport.clone(),
-                fallback_reason: o.fallback_reason.clone(),
-                attempt,
-                remote_path: o.remote_path.clone(),
-                ..Detail::default()
-            },
-        );
-
-        // ---- install
-        let Some(cmd) = install else {
+        self.step(item, o, uploaded);
+        let cmd = route::install_command(routed, &host, &placed.dir);
+        let Some(cmd) = cmd.filter(|_| self.planned(Step::Install)) else {
             o.state = "uploaded".into();
             o.ok = true;
-            return finish(o, self);
+            return Ok(());
         };
-        let res = match up.done {
-            Some(r) => Ok(r),
-            None => self.install_separately(route, &dir, &cmd, &o),
-        };
-        match res {
-            Ok(r) => {
-                o.exit_status = Some(r.status);
-                o.output_tail = (!r.output.is_empty()).then(|| r.output.clone());
-                if r.status == 0 && r.signal.is_none() {
-                    o.state = "installed".into();
-                    o.ok = true;
-                    log::info!(
-                        "{}: {host}: installed in {:.2}s",
-                        item.name,
-                        started.elapsed().as_secs_f64()
-                    );
-                } else {
-                    let why = match (&r.signal, r.status) {
-                        (Some(s), _) => format!("killed by signal {s}"),
-                        (None, 124) => format!(
-                            "did not finish within install_timeout ({:.0}s) and was killed",
-                            route.install_timeout.as_secs_f64()
-                        ),
-                        (None, n) => format!("exit status {n}"),
-                    };
-                    let msg = format!("install command failed: {why}");
-                    log::error!("{}: {host}: {msg}; last output:\n{}", item.name, r.output);
-                    o.error = Some(msg);
+        self.emit(item, EventKind::Installing);
+        let res = self.install(route, &placed, &cmd, o);
+        self.release(&placed);
+        self.judge_install(item, route, res, o)
+    }
+
+    /// Fill in the elapsed time and emit the end.
+    fn finish(&self, item: &Item, mut o: Outcome, started: Instant) -> Outcome {
+        o.elapsed_ms = started.elapsed().as_millis() as u64;
+        self.emit(item, EventKind::Finished(Box::new(o.clone())));
+        o
+    }
+
+    fn upload_with_retries(
+        &mut self,
+        item: &Item,
+        route: &Route,
+        rel: &str,
+        o: &mut Outcome,
+    ) -> Result<Placed, String> {
+        let host = self.group.host.clone();
+        let backoff = crate::retry::Backoff::new(route.retry_delay);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            o.attempts = attempt;
+            let e = match self.upload_chain(item, route, rel, o) {
+                Ok(p) => return Ok(p),
+                Err(e) => e,
+            };
+            if e.kind == ErrorKind::Interrupted || crate::interrupt::requested() {
+                o.interrupted = true;
+                return Err(format!("interrupted: {e}"));
+            }
+            if e.kind.is_transient() && attempt <= route.retries {
+                let delay = backoff.delay(attempt);
+                let retrying = EventKind::Retrying {
+                    attempt,
+                    delay,
+                    error: e.to_string(),
+                };
+                self.emit(item, retrying);
+                crate::interrupt::sleep(delay); // retry backoff
+                continue;
+            }
+            if matches!(
+                e.kind,
+                ErrorKind::Connect | ErrorKind::Timeout | ErrorKind::Auth | ErrorKind::HostKey
+            ) {
+                if let Ok(mut hs) = self.host_state.lock() {
+                    hs.dead.get_or_insert_with(|| e.clone());
                 }
             }
-            Err(e) => {
-                log::error!("{}: {host}: install failed: {e}", item.name);
-                o.error = Some(format!("install failed: {e}"));
-            }
+            o.retry = e.kind.is_transient();
+            log::error!("{}: {host}: failed: {e}", item.name);
+            return Err(e.to_string());
         }
-        finish(o, self)
     }
 
     /// Try each transport in order; fall through on "cannot use this
@@ -489,48 +492,32 @@ impl Lane {
         &mut self,
         item: &Item,
         route: &Route,
-        dir: &str,
-        install: Option<&str>,
+        rel: &str,
         o: &mut Outcome,
-    ) -> Result<Uploaded, TransferError> {
+    ) -> Result<Placed, TransferError> {
+        let host = self.group.host.clone();
         let mut errors: Vec<(Transport, TransferError)> = Vec::new();
         for (i, t) in route.transfer.iter().enumerate() {
             let last = i + 1 == route.transfer.len();
-            let r = match t {
-                Transport::Scp => self.upload_scp(item, route, dir, install),
-                Transport::Ftp => self.upload_ftp(item, route, dir),
-            };
-            match r {
+            match self.place(*t, item, route, rel, o.attempts) {
                 Ok(u) => {
                     if !errors.is_empty() {
-                        let why = errors
-                            .iter()
-                            .map(|(t, e)| format!("{t}: {e}"))
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        o.fallback_reason = Some(why);
+                        o.fallback_reason = Some(joined(&errors));
                     }
                     return Ok(u);
                 }
                 Err(e) if e.kind.allows_fallback() && !last => {
-                    log::warn!(
-                        "{}: {}: {t} cannot be used ({e}); falling back to {}",
-                        item.name,
-                        self.group.host,
-                        route.transfer[i + 1]
-                    );
+                    let falling = EventKind::FallingBack {
+                        from: *t,
+                        to: route.transfer[i + 1],
+                        reason: e.to_string(),
+                    };
+                    self.emit(item, falling);
                     errors.push((*t, e));
                 }
+                Err(e) if errors.is_empty() => return Err(e),
                 Err(e) => {
-                    if errors.is_empty() {
-                        return Err(e);
-                    }
                     errors.push((*t, e.clone()));
-                    let msg = errors
-                        .iter()
-                        .map(|(t, e)| format!("{t}: {e}"))
-                        .collect::<Vec<_>>()
-                        .join("; ");
                     // transient only if every transport failed transiently
                     let kind = if errors.iter().all(|(_, e)| e.kind.is_transient()) {
                         e.kind
@@ -539,527 +526,543 @@ impl Lane {
                     } else {
                         e.kind
                     };
-                    return Err(TransferError::new(
+                    return Err(TransferError::detail(
                         kind,
-                        format!("all transports failed: {msg}"),
-                    ));
+                        Op::Transfer,
+                        None,
+                        &host,
+                        "all transports failed",
+                    )
+                    .cause(Cause::Transports(errors)));
                 }
             }
         }
-        Err(TransferError::new(
+        Err(TransferError::detail(
             ErrorKind::Unavailable,
+            Op::Transfer,
+            None,
+            &host,
             "no transport configured",
         ))
     }
 
-    fn upload_scp(
+    /// Put the file in place by transport `t`: prepare (the directory, the
+    /// journaled temporary name, the install lock), send it through the
+    /// session's [`Uploader`], then verify and publish over SSH what the
+    /// transport did not publish itself.
+    fn place(
         &mut self,
+        t: Transport,
         item: &Item,
         route: &Route,
-        dir: &str,
-        install: Option<&str>,
-    ) -> Result<Uploaded, TransferError> {
-        let tmp_name = temp_name(&item.name);
-        let tmp = remote_join(dir, &tmp_name);
-        let want_sha = route.verify == Verify::Sha256;
-        let ssh = self.ssh()?;
-        ssh.mkdir_p(dir)?;
-        let (bytes, sha) = match ssh.scp_upload(&item.path, dir, &tmp_name, want_sha) {
+        rel: &str,
+        attempt: u32,
+    ) -> Result<Placed, TransferError> {
+        let mut at = self.prepare(t, item, route, rel, attempt)?;
+        let (via, up) = match self.send(t, item, route, &at) {
             Ok(x) => x,
-            Err(e) => {
-                let e = if ssh.is_alive() && e.kind != ErrorKind::Local {
-                    ssh.diagnose_scp(dir).unwrap_or(e)
-                } else {
-                    e
-                };
-                if ssh.is_alive() {
-                    let _ = ssh.exec(&format!("rm -f -- {}", shell_quote(&tmp)), route.io_timeout);
-                }
-                if e.kind == ErrorKind::Unavailable {
-                    self.mark_unusable(Transport::Scp, &e);
-                }
-                return Err(e);
-            }
+            Err(failed) => return Err(self.undo(t, &at, failed)),
         };
-        // size check and rename over SFTP (no remote process), then the
-        // install through the session's script runner
-        if route.verify != Verify::Sha256 {
-            let size = (route.verify == Verify::Size).then_some(bytes);
-            match ssh.sftp_finalize(dir, &tmp_name, &item.name, size) {
-                Ok(true) => {
-                    let done = match install {
-                        None => None,
-                        Some(cmd) => {
-                            let script = install_script(dir, cmd);
-                            let out = ssh
-                                .run_script(&script, route.install_timeout, None)
-                                .map_err(|e| {
-                                    TransferError::new(
-                                        ErrorKind::Remote,
-                                        format!("after upload: {e}"),
-                                    )
-                                })?;
-                            Some(InstallResult {
-                                status: out.status,
-                                signal: out.signal,
-                                output: out.output,
-                            })
-                        }
-                    };
-                    return Ok(Uploaded {
-                        transport: Transport::Scp,
-                        bytes,
-                        done,
-                    });
-                }
-                Ok(false) => {}
+        let lock = if up.published {
+            at.lock.take()
+        } else {
+            self.emit(item, EventKind::Verifying);
+            let ssh = self.ssh()?;
+            let sha = up.sha256.as_deref();
+            match publish(ssh, route, &at, &item.name, up.bytes, sha) {
+                Ok(lock) => lock,
                 Err(e) => {
-                    if ssh.is_alive() {
-                        let _ =
-                            ssh.exec(&format!("rm -f -- {}", shell_quote(&tmp)), route.io_timeout);
+                    let tmp = at.tmp();
+                    if !remove_remote(ssh, &tmp) {
+                        self.leftovers.push(tmp);
                     }
                     return Err(e);
                 }
             }
-        }
-        // verify the temp file, rename it into place and install, in one call
-        let script = finalize_script(route, dir, &item.name, bytes, sha.as_deref(), install);
-        let limit = route.io_timeout
-            + if install.is_some() {
-                route.install_timeout
-            } else {
-                Duration::ZERO
-            };
-        let out = ssh.run_script(&script, limit, Some(FINALIZED));
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                // the connection broke during verify/install: the upload may or
-                // may not have been renamed; never re-upload for an install failure
-                return Err(TransferError::new(
-                    if install.is_some() {
-                        ErrorKind::Remote
-                    } else {
-                        e.kind
-                    },
-                    format!("after upload: {e}"),
-                ));
-            }
         };
-        if !out.marked {
-            let _ = ssh.exec(&format!("rm -f -- {}", shell_quote(&tmp)), route.io_timeout);
-            let kind = if out.status == VERIFY_FAILED {
-                ErrorKind::Verify
-            } else {
-                ErrorKind::Remote
-            };
-            return Err(TransferError::new(
-                kind,
-                format!(
-                    "ssh {}: {} (status {}): {}",
-                    ssh.target().host,
-                    if kind == ErrorKind::Verify {
-                        "verification failed"
-                    } else {
-                        "cannot rename into place"
-                    },
-                    out.status,
-                    out.output.trim()
-                ),
-            ));
-        }
-        let after = out.output.clone();
-        Ok(Uploaded {
-            transport: Transport::Scp,
-            bytes,
-            done: install.map(|_| InstallResult {
-                status: out.status,
-                signal: out.signal.clone(),
-                output: after,
-            }),
+        Ok(Placed {
+            transport: via,
+            bytes: up.bytes,
+            dir: at.dir,
+            lock,
+            cleartext: up.cleartext,
         })
     }
 
-    fn upload_ftp(
+    /// Where transport `t` puts the file. SCP: the absolute dest dir
+    /// (created), the temporary name journaled, earlier temporary files
+    /// removed. FTP: the dir as the route says; where SSH works, the
+    /// absolute dir is made and the install lock taken before the upload.
+    fn prepare(
+        &mut self,
+        t: Transport,
+        item: &Item,
+        route: &Route,
+        rel: &str,
+        attempt: u32,
+    ) -> Result<Target, TransferError> {
+        let tmp_name = crate::transport::temp_name();
+        if t == Transport::Ftp {
+            return self.prepare_ftp(item, route, rel, tmp_name);
+        }
+        let lock = self.planned(Step::Lock);
+        item.local()?;
+        let ssh = self.ssh()?;
+        let dir = route::absolute_dir(rel, &ssh.home()?);
+        ssh.mkdir_p(&dir)?;
+        let at = Target {
+            upload_dir: dir.clone(),
+            dir,
+            tmp_name,
+            lock: None,
+            lock_at_publish: lock,
+        };
+        // the temporary name is journaled first, so a crash leaves nothing
+        // that the next attempt does not remove
+        let uploading = EventKind::Uploading {
+            attempt,
+            temp_path: at.tmp(),
+        };
+        self.emit(item, uploading);
+        self.remove_stale_temp(item);
+        Ok(at)
+    }
+
+    fn prepare_ftp(
         &mut self,
         item: &Item,
         route: &Route,
-        dir: &str,
-    ) -> Result<Uploaded, TransferError> {
+        rel: &str,
+        tmp_name: String,
+    ) -> Result<Target, TransferError> {
         if let Some(e) = self.unusable(Transport::Ftp) {
             return Err(e);
         }
         if item.name.contains(['\n', '\r']) {
-            return Err(TransferError::new(
+            let why = "a file name with a newline cannot be sent over FTP";
+            let e = TransferError::detail(
                 ErrorKind::Unavailable,
-                "ftp: a file name with a newline cannot be sent over FTP",
-            ));
+                Op::Upload,
+                Some(Protocol::Ftp),
+                &self.group.host,
+                why,
+            );
+            return Err(e.protocol_only());
         }
-        let host = self.group.host.clone();
-        let creds = credentials::resolve(route, &host, &self.netrc);
-        if self.ftp.is_none() {
-            let t = FtpTarget {
-                host: &host,
-                port: route.ftp_port,
-                login: &creds.login,
-                password: creds.password.as_ref(),
-                account: creds.account.as_deref(),
-                ftps: route.ftps,
-                ca_file: route.ftp_ca_file.as_deref(),
-                passive: route.ftp_passive,
-                rename: route.ftp_rename,
-                connect_timeout: route.connect_timeout,
-                io_timeout: route.io_timeout,
-            };
-            match FtpSession::connect(&t) {
-                Ok(s) => self.ftp = Some(s),
-                Err(e) => {
-                    if e.kind == ErrorKind::Auth {
-                        self.mark_unusable(Transport::Ftp, &e);
-                    }
-                    return Err(e);
+        // the install needs SSH; where it works, it gives the absolute dir
+        // and takes the install lock before the file is published
+        let mut dir = rel.to_string();
+        let mut lock = None;
+        if self.planned(Step::Lock) {
+            if let Ok(ssh) = self.ssh() {
+                if let Ok(home) = ssh.home() {
+                    dir = route::absolute_dir(rel, &home);
+                    ssh.mkdir_p(&dir)?;
+                    lock = Some(lock::take(ssh, route, &dir, &item.name)?);
                 }
             }
         }
-        let Some(ftp) = self.ftp.as_mut() else {
-            return Err(TransferError::new(ErrorKind::Connect, "ftp: no session"));
+        Ok(Target {
+            upload_dir: rel.to_string(),
+            dir,
+            tmp_name,
+            lock,
+            lock_at_publish: false,
+        })
+    }
+
+    /// Send the file through transport `t`'s session (connected first).
+    fn send(
+        &mut self,
+        t: Transport,
+        item: &Item,
+        route: &Route,
+        at: &Target,
+    ) -> Result<(Transport, Uploaded), Failed> {
+        self.connect(t, item, route).map_err(Failed::Before)?;
+        let file = item.local().map_err(Failed::Before)?;
+        let mut progress = self.progress(item, file.size);
+        let job = Upload {
+            src: Source {
+                file: &file.file,
+                size: file.size,
+                mode: file.mode,
+            },
+            dir: &at.upload_dir,
+            tmp_name: &at.tmp_name,
+            name: &item.name,
+            want_sha: route.verify == Verify::Sha256,
         };
-        match ftp.upload(&item.path, dir, &item.name) {
-            Ok(u) => Ok(Uploaded {
+        let up = self.uploader(t).map_err(Failed::Before)?;
+        let via = up.transport();
+        let sent = up.upload(job, &mut progress);
+        sent.map(|u| (via, u)).map_err(Failed::Upload)
+    }
+
+    /// A session for transport `t`: SSH (re)connected if it is not alive,
+    /// FTP connected if there is none.
+    fn connect(&mut self, t: Transport, item: &Item, route: &Route) -> Result<(), TransferError> {
+        match t {
+            Transport::Scp => self.ssh().map(|_| ()),
+            Transport::Ftp if self.ftp.is_none() => self.ftp_connect(item, route),
+            Transport::Ftp => Ok(()),
+        }
+    }
+
+    fn uploader(&mut self, t: Transport) -> Result<&mut dyn Uploader, TransferError> {
+        let host = &self.group.host;
+        let (session, protocol): (Option<&mut dyn Uploader>, _) = match t {
+            Transport::Scp => (self.ssh.as_mut().map(|s| s as _), Protocol::Ssh),
+            Transport::Ftp => (self.ftp.as_mut().map(|s| s as _), Protocol::Ftp),
+        };
+        session.ok_or_else(|| {
+            let e = TransferError::detail(
+                ErrorKind::Connect,
+                Op::Session,
+                Some(protocol),
+                host,
+                "no session",
+            );
+            if t == Transport::Ftp {
+                e.protocol_only()
+            } else {
+                e
+            }
+        })
+    }
+
+    /// After a failed upload: SCP asks the host why (its errors are
+    /// generic) and removes the temporary file; a broken FTP session is not
+    /// reused, and the install lock FTP took is released.
+    fn undo(&mut self, t: Transport, at: &Target, failed: Failed) -> TransferError {
+        let e = match failed {
+            Failed::Before(e) => {
+                if t == Transport::Ftp {
+                    self.release_early(at);
+                }
+                return e;
+            }
+            Failed::Upload(e) => e,
+        };
+        if t == Transport::Ftp {
+            if matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout) {
+                self.ftp = None;
+            }
+            self.release_early(at);
+            return e;
+        }
+        let Some(ssh) = self.ssh.as_mut() else {
+            return e;
+        };
+        let e = if ssh.is_alive() && e.kind != ErrorKind::Local {
+            ssh.diagnose_scp(&at.upload_dir).unwrap_or(e)
+        } else {
+            e
+        };
+        let tmp = at.tmp();
+        if !remove_remote(ssh, &tmp) {
+            self.leftovers.push(tmp);
+        }
+        if e.kind == ErrorKind::Unavailable {
+            self.mark_unusable(Transport::Scp, &e);
+        }
+        e
+    }
+
+    /// The install lock taken before an upload that failed.
+    fn release_early(&mut self, at: &Target) {
+        if let Some(l) = &at.lock {
+            lock::release(self.ssh.as_mut(), l);
+        }
+    }
+
+    /// Temporary files earlier attempts left on this host — a crashed run's
+    /// (their names are in the journal) and this lane's whose connection
+    /// broke — removed before this attempt.
+    fn remove_stale_temp(&mut self, item: &Item) {
+        for old in std::mem::take(&mut self.leftovers) {
+            if let Ok(ssh) = self.ssh() {
+                remove_remote(ssh, &old);
+            }
+        }
+        let Some(tmp) = item.stale_temps.get(&self.group.host) else {
+            return;
+        };
+        if let Ok(ssh) = self.ssh() {
+            log::debug!("{}: removing {tmp} left by an earlier attempt", item.name);
+            remove_remote(ssh, tmp);
+        }
+    }
+
+    fn ftp_connect(&mut self, item: &Item, route: &Route) -> Result<(), TransferError> {
+        let host = self.group.host.clone();
+        let creds = credentials::resolve(route, &host, &self.netrc);
+        let t = FtpTarget {
+            host: &host,
+            port: route.ftp_port,
+            login: &creds.login,
+            password: creds.password.as_ref(),
+            account: creds.account.as_deref(),
+            ftps: route.ftps,
+            ca_file: route.ftp_ca_file.as_deref(),
+            passive: route.ftp_passive,
+            rename: route.ftp_rename,
+            cleartext: route.ftp_cleartext,
+            connect_timeout: route.connect_timeout,
+            io_timeout: route.io_timeout,
+        };
+        self.emit(
+            item,
+            EventKind::Connecting {
                 transport: Transport::Ftp,
-                bytes: u.bytes,
-                done: None,
-            }),
+            },
+        );
+        match FtpSession::connect(&t) {
+            Ok(s) => {
+                self.ftp = Some(s);
+                Ok(())
+            }
             Err(e) => {
-                // a broken session is not reused
-                if let Some(s) = self.ftp.take() {
-                    if !matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout) {
-                        self.ftp = Some(s);
-                    }
+                // a rejected login or a refused cleartext session will
+                // not change for the batch
+                if matches!(e.kind, ErrorKind::Auth | ErrorKind::Unavailable) {
+                    self.mark_unusable(Transport::Ftp, &e);
                 }
                 Err(e)
             }
         }
     }
 
-    /// Install after an FTP upload: needs SSH.
-    fn install_separately(
+    /// A file a crashed run uploaded and published: check it is there,
+    /// whole, and install it where it is.
+    fn find_placed(
         &mut self,
+        item: &Item,
         route: &Route,
         dir: &str,
+    ) -> Result<Placed, TransferError> {
+        let lock = self.planned(Step::Lock);
+        let file = item.local()?;
+        let fin = remote_join(dir, &item.name);
+        let ssh = self.ssh()?;
+        let size = if ssh.has_sftp()? {
+            ssh.sftp_size(&fin)?
+        } else {
+            None
+        };
+        if ssh.has_sftp().unwrap_or(false) && size != Some(file.size) {
+            let why = format!(
+                "resuming: {fin} is not on the host as uploaded (size {size:?}, expected {}); it is sent again on the next attempt",
+                file.size
+            );
+            let host = &ssh.target().host;
+            let e = TransferError::detail(
+                ErrorKind::Verify,
+                Op::Verify,
+                Some(Protocol::Sftp),
+                host,
+                why,
+            );
+            return Err(e.path(fin));
+        }
+        let lock = if lock {
+            Some(lock::take(ssh, route, dir, &item.name)?)
+        } else {
+            None
+        };
+        Ok(Placed {
+            transport: Transport::Scp,
+            bytes: file.size,
+            dir: dir.to_string(),
+            lock,
+            cleartext: false,
+        })
+    }
+
+    fn install(
+        &mut self,
+        route: &Route,
+        placed: &Placed,
         cmd: &str,
         o: &Outcome,
     ) -> Result<InstallResult, TransferError> {
         let reason = o.fallback_reason.clone();
+        let ftp = placed.transport == Transport::Ftp;
+        let host = self.group.host.clone();
         let ssh = self.ssh().map_err(|e| {
-            let why = reason.unwrap_or_else(|| e.msg.clone());
-            TransferError::new(
-                e.kind,
-                format!(
-                    "uploaded by FTP, but SSH is not available to run the install command ({why})"
-                ),
-            )
+            if !ftp {
+                return e;
+            }
+            let why = reason.unwrap_or_else(|| e.to_string());
+            let msg = format!(
+                "uploaded by FTP, but SSH is not available to run the install command ({why})"
+            );
+            TransferError::detail(e.kind, Op::Install, Some(Protocol::Ssh), &host, msg)
         })?;
-        let script = install_script(dir, cmd);
-        let out = ssh.run_script(&script, route.install_timeout, None)?;
+        let out = ssh.run_script(
+            &install_script(&placed.dir, cmd),
+            route.install_timeout,
+            None,
+        )?;
         Ok(InstallResult {
             status: out.status,
             signal: out.signal,
             output: out.output,
         })
     }
-}
 
-/// Marker printed once the file is verified and renamed; what follows is the
-/// install command's output.
-const FINALIZED: &str = "@@dispatch:finalized@@";
-const VERIFY_FAILED: i32 = 230;
-
-/// `.NAME.part`, with control characters replaced (the temp name travels in
-/// the SCP protocol header, which is line-based).
-pub fn temp_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| if c.is_control() { '_' } else { c })
-        .collect();
-    format!(".{clean}.part")
-}
-
-/// The install command as the last step of a script: `eval`ed, so a syntax
-/// error in it is the install's failure, not the script's. Scripts run with
-/// `sh` semantics, stdin from /dev/null, stderr merged, bounded by
-/// `install_timeout` on the host (see `SshSession::run_script`).
-fn install_step(cmd: &str) -> String {
-    format!("eval {}", shell_quote(cmd))
-}
-
-/// `cd` to the upload's directory and install; tagged to run without a
-/// subshell when the install is one plain external command.
-fn install_script(dir: &str, cmd: &str) -> String {
-    let tag = if crate::route::is_simple_command(cmd) {
-        crate::transport::ssh::IN_PLACE
-    } else {
-        ""
-    };
-    format!(
-        "{tag}cd -- {} || exit 231; {}",
-        shell_quote(dir),
-        install_step(cmd)
-    )
-}
-
-/// Verify the temp file, rename it into place, print the marker, then run the
-/// install command — one round trip per file. Run by `sh` (through the
-/// session's script runner) so the remote login shell does not matter.
-fn finalize_script(
-    route: &Route,
-    dir: &str,
-    name: &str,
-    size: u64,
-    sha: Option<&str>,
-    install: Option<&str>,
-) -> String {
-    let d = shell_quote(dir);
-    let tmp = shell_quote(&temp_name(name));
-    let fin = shell_quote(name);
-    let vf = VERIFY_FAILED;
-    let mut s = format!("cd -- {d} || exit 231; ");
-    match route.verify {
-        Verify::None => {}
-        Verify::Size => s.push_str(&format!(
-            "s=$(wc -c < {tmp}) || exit {vf}; [ \"$s\" -eq {size} ] || {{ echo \"size on host: $s bytes, sent: {size}\"; exit {vf}; }}; "
-        )),
-        Verify::Sha256 => {
-            let want = sha.unwrap_or_default();
-            s.push_str(&format!(
-                "h=$(sha256sum < {tmp}) || exit {vf}; h=${{h%% *}}; [ \"$h\" = {want} ] || {{ echo \"sha256 on host: $h, sent: {want}\"; exit {vf}; }}; "
-            ));
+    fn release(&mut self, placed: &Placed) {
+        if let Some(l) = &placed.lock {
+            lock::release(self.ssh.as_mut(), l);
         }
     }
-    s.push_str(&format!(
-        "mv -f -- {tmp} {fin} || exit 232; echo {FINALIZED}; "
-    ));
-    if let Some(cmd) = install {
-        s.push_str(&install_step(cmd));
+
+    fn judge_install(
+        &self,
+        item: &Item,
+        route: &Route,
+        res: Result<InstallResult, TransferError>,
+        o: &mut Outcome,
+    ) -> Result<(), String> {
+        let host = &self.group.host;
+        let r = match res {
+            Ok(r) => r,
+            Err(e) => {
+                // the file is in place; a retry installs it there
+                o.retry = matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout);
+                log::error!("{}: {host}: install failed: {e}", item.name);
+                return Err(format!("install failed: {e}"));
+            }
+        };
+        o.exit_status = Some(r.status);
+        o.output_tail = (!r.output.is_empty()).then(|| r.output.clone());
+        if r.status == 0 && r.signal.is_none() {
+            o.state = "installed".into();
+            o.ok = true;
+            return Ok(());
+        }
+        let why = match (&r.signal, r.status) {
+            (Some(s), _) => format!("killed by signal {s}"),
+            (None, 124) => format!(
+                "did not finish within install_timeout ({:.0}s) and was killed",
+                route.install_timeout.as_secs_f64()
+            ),
+            (None, CANNOT_CD) => format!("cannot enter {}", o.uploaded_to.as_deref().unwrap_or("")),
+            (None, n) => format!("exit status {n}"),
+        };
+        let msg = format!("install command failed: {why}");
+        log::error!("{}: {host}: {msg}; last output:\n{}", item.name, r.output);
+        Err(msg)
     }
-    s
+}
+
+/// Best effort: remove a remote file (a temporary one) over SFTP, else a
+/// shell. `false`: the session is broken, it could not be tried.
+fn remove_remote(ssh: &mut SshSession, path: &str) -> bool {
+    if !ssh.is_alive() {
+        return false;
+    }
+    let r = if ssh.has_sftp().unwrap_or(false) {
+        ssh.sftp_unlink(path)
+    } else {
+        let io = ssh.target().io_timeout;
+        ssh.exec(&format!("rm -f -- {}", shell_quote(path)), io)
+            .map(|_| ())
+    };
+    if let Err(e) = r {
+        log::debug!("cannot remove {path}: {e}");
+    }
+    ssh.is_alive()
+}
+
+/// Verify the temporary file, take the install lock (when an install
+/// follows) and rename it into place — over SFTP (no remote process) where
+/// the host has it, else in one script. Returns the lock taken.
+fn publish(
+    ssh: &mut SshSession,
+    route: &Route,
+    at: &Target,
+    name: &str,
+    bytes: u64,
+    sha: Option<&str>,
+) -> Result<Option<Lock>, TransferError> {
+    let (dir, tmp_name, lock) = (at.dir.as_str(), at.tmp_name.as_str(), at.lock_at_publish);
+    let tmp = remote_join(dir, tmp_name);
+    let fin = remote_join(dir, name);
+    // these messages name the host without its port
+    let failed = |ssh: &SshSession, kind, op| ssh.target().err(kind, Protocol::Ssh, op).host_only();
+    if !ssh.has_sftp()? {
+        let lock = lock.then(|| lock::shell_lock(route, dir, name));
+        let take = lock.as_ref().map(|(script, _)| script.as_str());
+        let script = publish_script(route, dir, tmp_name, name, bytes, sha, take);
+        let out = ssh.run_script(&script, route.io_timeout + lock::wait_limit(route), None)?;
+        return match out.status {
+            0 => Ok(lock.map(|(_, l)| l)),
+            VERIFY_FAILED => Err(failed(ssh, ErrorKind::Verify, Op::Verify)
+                .step("verification failed")
+                .cause(out.output.trim())
+                .path(tmp)),
+            n => Err(failed(ssh, ErrorKind::Remote, Op::Rename)
+                .step(format!("cannot rename {tmp} into place (status {n})"))
+                .cause(out.output.trim())
+                .path(fin)),
+        };
+    }
+    match route.verify {
+        Verify::None => {}
+        Verify::Size => {
+            let on_host = ssh.sftp_size(&tmp)?;
+            if on_host != Some(bytes) {
+                let on_host = on_host
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "no".into());
+                return Err(failed(ssh, ErrorKind::Verify, Op::Verify)
+                    .step("verification failed")
+                    .cause(format!(
+                        "{tmp} has {on_host} bytes on the host, sent {bytes}"
+                    ))
+                    .path(tmp));
+            }
+        }
+        Verify::Sha256 => {
+            let script = verify_script(route, dir, tmp_name, bytes, sha);
+            let out = ssh.run_script(&script, route.io_timeout, None)?;
+            if !out.success() {
+                return Err(failed(ssh, ErrorKind::Verify, Op::Verify)
+                    .step("verification failed")
+                    .cause(out.output.trim())
+                    .path(tmp));
+            }
+        }
+    }
+    let lock = if lock {
+        Some(lock::take(ssh, route, dir, name)?)
+    } else {
+        None
+    };
+    if let Err(e) = ssh.sftp_rename_over(&tmp, &fin) {
+        if let Some(l) = &lock {
+            lock::release(Some(ssh), l);
+        }
+        return Err(e);
+    }
+    Ok(lock)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Feed `(deadline, script)` jobs to a script runner started by `sh -c
-    /// runner`, as the SSH session does, and split what it prints into
-    /// `(output, status)` per job.
-    fn run_runner(runner: &str, jobs: &[(u64, String)]) -> Vec<(String, i32)> {
-        use std::io::{Read, Write};
-        use std::process::{Command, Stdio};
-        let marker = crate::transport::ssh::rc_marker("n0nce");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(runner)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let mut res = Vec::new();
-        let mut pending: Vec<u8> = Vec::new();
-        // as the session does: the next script only after the last status
-        for (secs, script) in jobs {
-            stdin
-                .write_all(&crate::transport::ssh::frame_job(*secs, script))
-                .unwrap();
-            loop {
-                let found = pending
-                    .windows(marker.len())
-                    .position(|w| w == marker.as_slice());
-                if let Some(p) = found {
-                    let rest = &pending[p + marker.len()..];
-                    if let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                        let rc = String::from_utf8_lossy(&rest[..nl]).parse().unwrap();
-                        let out = String::from_utf8_lossy(&pending[..p]).into_owned();
-                        res.push((out, rc));
-                        pending.drain(..p + marker.len() + nl + 1);
-                        break;
-                    }
-                }
-                let mut buf = [0u8; 4096];
-                let n = stdout.read(&mut buf).unwrap();
-                assert!(n > 0, "runner ended early: {res:?}");
-                pending.extend_from_slice(&buf[..n]);
-            }
-        }
-        drop(stdin);
-        stdout.read_to_end(&mut pending).unwrap();
-        assert!(child.wait().unwrap().success());
-        assert!(pending.is_empty(), "{pending:?}");
-        res
-    }
-
-    /// Both script runners: statuses, `exit`, stdin kept from the next job,
-    /// the install deadline (124, and the install's process is gone), and a
-    /// file name that looks like the runner's framing.
-    fn check_runner(runner: &str) {
-        use crate::transport::ssh::IN_PLACE;
-        let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("pid");
-        // the pid of the process that outlives the deadline unless killed
-        let slow = format!("sh -c 'echo $$ > {}; exec sleep 30'", pidfile.display());
-        // a quoted name whose lines look like the runner's framing
-        let tricky = "x\n.\n>echo injected\n@@dispatch:rc:0";
-        let started = Instant::now();
-        let res = run_runner(
-            runner,
-            &[
-                (5, "echo hi; exit 3".into()),
-                (5, "cd /nonexistent/dir || exit 231; echo no".into()),
-                (5, install_step("echo inst; exit 5")),
-                (1, install_step(&slow)),
-                (5, install_step("cat; echo stdin-was-empty")),
-                (5, install_step("trap 'echo bye' EXIT; exit 4")),
-                (5, "echo after".into()),
-                (5, format!("printf '%s|' {}", shell_quote(tricky))),
-                // scripts run in the runner's own shell: a failing `cd`
-                // ends it, the next script still runs; the deadline holds
-                (
-                    5,
-                    format!("{IN_PLACE}cd /nonexistent/dir || exit 231; echo no"),
-                ),
-                (
-                    5,
-                    format!(
-                        "{IN_PLACE}cd /tmp || exit 231; eval 'sh -c \"echo in-place; exit 6\"'"
-                    ),
-                ),
-                (1, format!("{IN_PLACE}sleep 30")),
-                (5, format!("{IN_PLACE}cd / || exit 231; eval pwd")),
-            ],
-        );
+    #[test]
+    fn temp_and_lock_names_are_short_unique_and_plain() {
+        let a = crate::transport::temp_name();
+        let b = crate::transport::temp_name();
+        assert_ne!(a, b);
         assert!(
-            started.elapsed() < Duration::from_secs(9),
-            "{:?}",
-            started.elapsed()
+            a.starts_with(".dispatch-") && a.ends_with(".part") && a.len() < 40,
+            "{a}"
         );
-        assert_eq!(res.len(), 12, "{res:?}");
-        assert_eq!((res[0].0.trim(), res[0].1), ("hi", 3));
-        assert_eq!(res[1].1, 231);
-        assert!(!res[1].0.lines().any(|l| l == "no"), "{res:?}");
-        assert_eq!((res[2].0.trim(), res[2].1), ("inst", 5));
-        assert_eq!(res[3].1, 124, "{res:?}");
-        assert_eq!((res[4].0.trim(), res[4].1), ("stdin-was-empty", 0));
-        assert_eq!(
-            (res[5].0.trim(), res[5].1),
-            ("bye", 4),
-            "an install's own EXIT trap"
-        );
-        assert_eq!((res[6].0.trim(), res[6].1), ("after", 0));
-        assert_eq!(
-            (res[7].0.as_str(), res[7].1),
-            (format!("{tricky}|").as_str(), 0)
-        );
-        assert_eq!(res[8].1, 231, "{res:?}");
-        assert!(!res[8].0.lines().any(|l| l == "no"), "{res:?}");
-        assert_eq!((res[9].0.trim(), res[9].1), ("in-place", 6));
-        assert_eq!(res[10].1, 124, "{res:?}");
-        assert_eq!((res[11].0.trim(), res[11].1), ("/", 0));
-        let pid = std::fs::read_to_string(&pidfile).unwrap();
-        let proc_dir = format!("/proc/{}", pid.trim());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::path::Path::new(&proc_dir).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20)); // poll step
-        }
-        assert!(
-            !std::path::Path::new(&proc_dir).exists(),
-            "install outlived its deadline"
-        );
-    }
-
-    #[test]
-    fn bash_script_runner_bounds_installs_without_extra_processes() {
-        // bash is installed here, so the session's command picks this runner
-        let runner = crate::transport::ssh::driver_command("n0nce");
-        check_runner(&runner);
-        // in-place scripts share the executor (no fork each), others do not
-        let ppid = "sh -c 'echo $PPID'; true";
-        let inp = format!("{}{ppid}", crate::transport::ssh::IN_PLACE);
-        let res = run_runner(
-            &runner,
-            &[
-                (5, inp.clone()),
-                (5, inp),
-                (5, ppid.into()),
-                (5, ppid.into()),
-            ],
-        );
-        let p: Vec<&str> = res.iter().map(|(o, _)| o.trim()).collect();
-        assert_eq!(p[0], p[1], "{res:?}");
-        assert_ne!(p[2], p[3], "{res:?}");
-        assert_ne!(p[0], p[2], "{res:?}");
-    }
-
-    #[test]
-    fn sh_script_runner_bounds_installs_with_timeout() {
-        let runner = format!(
-            "exec sh -c {} dispatch-driver n0nce",
-            shell_quote(crate::transport::ssh::SH_DRIVER)
-        );
-        check_runner(&runner);
-    }
-
-    #[test]
-    fn a_script_cut_short_by_the_end_of_input_never_runs() {
-        use std::io::Write;
-        use std::process::{Command, Stdio};
-        let dir = tempfile::tempdir().unwrap();
-        let flag = dir.path().join("ran");
-        let script = format!("touch {}", shell_quote(flag.to_str().unwrap()));
-        let mut job = crate::transport::ssh::frame_job(5, &script);
-        job.truncate(job.len() - 2); // without its end line
-        let sh_runner = format!(
-            "exec sh -c {} dispatch-driver n0nce",
-            shell_quote(crate::transport::ssh::SH_DRIVER)
-        );
-        for runner in [crate::transport::ssh::driver_command("n0nce"), sh_runner] {
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(&runner)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap();
-            child.stdin.take().unwrap().write_all(&job).unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "{out:?}");
-            assert!(out.stdout.is_empty(), "{out:?}");
-            assert!(!flag.exists(), "{runner}");
-        }
-    }
-
-    #[test]
-    fn temp_name_is_hidden_and_single_line() {
-        assert_eq!(temp_name("a.tgz"), ".a.tgz.part");
-        assert_eq!(temp_name("a\nb"), ".a_b.part");
-    }
-
-    #[test]
-    fn finalize_script_quotes_everything() {
-        let c = Config::parse(std::path::Path::new("t"), "[x]\nhost=h\n").unwrap();
-        let s = finalize_script(
-            &c.routes[0],
-            "d i r",
-            "a'b;$(x)",
-            5,
-            None,
-            Some("echo {name}"),
-        );
-        assert!(s.starts_with("cd -- 'd i r' || exit 231; "), "{s}");
-        assert!(
-            s.contains("mv -f -- '.a'\\''b;$(x).part' 'a'\\''b;$(x)'"),
-            "{s}"
-        );
+        assert!(is_temp_path(&format!("/h/x/{a}")));
+        assert!(!is_temp_path("/h/x/.app.tgz.part"));
     }
 }

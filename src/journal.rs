@@ -27,7 +27,17 @@
 //! starts when a host is (re)queued, or enters `Uploading` from a state other
 //! than `Queued`/`Uploading`; the host's `attempts` is the attempts of earlier
 //! runs plus the current run's. A run interrupted by a crash counts one.
+//!
+//! Runs (schema v2): every delivery run of a package × host is a row of its
+//! own in `run`, with an id, its start and last change, its attempts, and
+//! the transport, remote path, elapsed time, exit status and output tail it
+//! ended with; each event names its run. The run is a journal-side notion —
+//! the caller only reports states — decided by the rule above (and a state
+//! recorded for a package × host with no run yet starts one). `history`
+//! lists runs. A v1 journal is migrated when opened: its events are replayed
+//! in order under the same rule, so the runs it held come back as they were.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
@@ -44,8 +54,9 @@ use sha2::{Digest, Sha256};
 /// File name of the database inside `state_dir`.
 pub const JOURNAL_FILE: &str = "journal.sqlite";
 
-/// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version written to `PRAGMA user_version`. 1: package, delivery,
+/// event. 2: + run (one row per delivery run), `event.run`.
+const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another process's transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,6 +120,31 @@ CREATE TABLE event (
 CREATE INDEX event_by_package ON event (package, host);
 ";
 
+/// v1 → v2: one row per delivery run; every event names its run.
+const SCHEMA_V2: &str = "
+CREATE TABLE run (
+    id              INTEGER PRIMARY KEY,
+    package         INTEGER NOT NULL REFERENCES package (id),
+    host            TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    transport       TEXT,
+    fallback_reason TEXT,
+    remote_path     TEXT,
+    exit_status     INTEGER,
+    output_tail     TEXT,
+    error           TEXT,
+    elapsed_ms      INTEGER,
+    started         TEXT    NOT NULL,
+    started_ms      INTEGER NOT NULL,
+    updated         TEXT    NOT NULL,
+    updated_ms      INTEGER NOT NULL
+);
+CREATE INDEX run_by_package ON run (package, host, id);
+CREATE INDEX run_by_time ON run (updated_ms);
+ALTER TABLE event ADD COLUMN run INTEGER REFERENCES run (id);
+";
+
 // ---------------------------------------------------------------- types
 
 /// State of one package on one host.
@@ -158,11 +194,23 @@ impl fmt::Display for State {
 }
 
 impl std::str::FromStr for State {
-    type Err = String;
-    fn from_str(s: &str) -> Result<State, String> {
-        State::parse(s).ok_or_else(|| format!("unknown journal state {s:?}"))
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<State, UnknownState> {
+        State::parse(s).ok_or_else(|| UnknownState(s.to_string()))
     }
 }
+
+/// A state name the journal does not know (the name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownState(pub String);
+
+impl fmt::Display for UnknownState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown journal state {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownState {}
 
 /// What identifies a package: where it is and what it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,27 +294,51 @@ pub struct HistoryFilter {
     /// Exact host name.
     pub host: Option<String>,
     pub failed_only: bool,
+    /// Only this run.
+    pub run: Option<i64>,
+    /// Only runs changed at or after this time (milliseconds since the epoch).
+    pub since_ms: Option<i64>,
     pub limit: Option<usize>,
 }
 
-/// One file × host, in its latest state.
+/// One delivery run of a file to a host, as it ended (or stands).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct HistoryRow {
-    /// When the state was last changed (RFC 3339, local time).
+    /// The run's id (`history --run ID`).
+    pub run: i64,
+    /// When the run's state was last changed (RFC 3339, local time).
     pub time: String,
+    /// When the run started.
+    pub started: String,
     pub file: String,
     pub path: String,
     pub host: String,
     pub state: String,
     pub transport: Option<String>,
+    /// Attempts within this run.
     pub attempts: u32,
+    /// The file on the host (while uploading: its temporary name).
+    pub remote_path: Option<String>,
+    /// How long the run's work took, as the job measured it.
+    pub elapsed_ms: Option<u64>,
     pub exit_status: Option<i32>,
+    pub output_tail: Option<String>,
     pub error: Option<String>,
     pub fallback_reason: Option<String>,
     pub source: String,
     pub rev: Option<String>,
     pub sha256: String,
     pub size: u64,
+}
+
+/// One state change of a run (`history --run ID`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunEvent {
+    pub time: String,
+    pub state: String,
+    pub attempt: u32,
+    pub remote_path: Option<String>,
+    pub error: Option<String>,
 }
 
 /// A journal operation failed. Display: `JOURNAL_PATH: OPERATION: cause`.
@@ -281,8 +353,97 @@ pub struct JournalError {
 pub enum JournalCause {
     Sqlite(rusqlite::Error),
     Io(io::Error),
-    /// The file was written by a newer dispatch, or is not a journal.
-    Schema(String),
+    /// The file was written by a newer dispatch, or is not a journal (empty,
+    /// not SQLite, no dispatch schema). The message says what to do.
+    Schema(SchemaProblem),
+    /// The file at the journal's path is no longer the one this handle has
+    /// open: deleted, replaced or truncated while in use.
+    Lost(Lost),
+}
+
+/// Why a file is not a journal this dispatch can use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SchemaProblem {
+    /// No journal, but its write-ahead log `wal` is still there: the journal
+    /// was deleted.
+    WalLeft { wal: PathBuf, shm: PathBuf },
+    /// An existing file that is not a usable journal; the advice names `path`.
+    Unusable { path: PathBuf, why: Unusable },
+    /// An SQLite database with tables but no dispatch schema version.
+    Foreign,
+    /// An SQLite database without the dispatch schema.
+    NoSchema,
+    /// Written by a newer dispatch.
+    Newer(i64),
+    /// A schema version this dispatch never wrote.
+    Unknown(i64),
+}
+
+/// What is wrong with an existing file at the journal's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unusable {
+    NotAFile,
+    Empty,
+    NotADatabase,
+}
+
+/// How the journal file went away under its handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    Deleted,
+    Replaced,
+    Truncated,
+}
+
+impl fmt::Display for SchemaProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SchemaProblem::WalLeft { wal, shm } => write!(
+                f,
+                "the journal is missing but its write-ahead log {} is still \
+                 there: the journal was deleted. Restore it from a backup; or, \
+                 to start a new journal (every file in the drop directories is \
+                 then sent again), move {} and {} aside",
+                wal.display(),
+                wal.display(),
+                shm.display()
+            ),
+            SchemaProblem::Unusable { path, why } => write!(
+                f,
+                "{}; this is not a usable dispatch journal. Restore it from a backup; or move it \
+                 aside (mv {p} {p}.bad) and start again to begin a new journal — every file in the \
+                 drop directories is then sent again",
+                match why {
+                    Unusable::NotAFile => "not a regular file",
+                    Unusable::Empty => "the file is empty (0 bytes: truncated?)",
+                    Unusable::NotADatabase => "not an SQLite database",
+                },
+                p = path.display()
+            ),
+            SchemaProblem::Foreign => f.write_str(
+                "database has tables but no dispatch schema version; not a dispatch journal?",
+            ),
+            SchemaProblem::NoSchema => f.write_str(
+                "an SQLite database without the dispatch schema (emptied?); not a dispatch \
+                 journal",
+            ),
+            SchemaProblem::Newer(v) => write!(
+                f,
+                "schema version {v} is newer than this dispatch understands ({SCHEMA_VERSION})"
+            ),
+            SchemaProblem::Unknown(v) => write!(f, "unknown schema version {v}"),
+        }
+    }
+}
+
+impl fmt::Display for Lost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Lost::Deleted => "deleted while in use",
+            Lost::Replaced => "replaced by another file while in use",
+            Lost::Truncated => "truncated to 0 bytes while in use",
+        })
+    }
 }
 
 impl fmt::Display for JournalError {
@@ -291,7 +452,8 @@ impl fmt::Display for JournalError {
         match &self.cause {
             JournalCause::Sqlite(e) => write!(f, "{e}"),
             JournalCause::Io(e) => write!(f, "{e}"),
-            JournalCause::Schema(m) => f.write_str(m),
+            JournalCause::Schema(p) => write!(f, "{p}"),
+            JournalCause::Lost(l) => write!(f, "{l}"),
         }
     }
 }
@@ -301,7 +463,7 @@ impl std::error::Error for JournalError {
         match &self.cause {
             JournalCause::Sqlite(e) => Some(e),
             JournalCause::Io(e) => Some(e),
-            JournalCause::Schema(_) => None,
+            JournalCause::Schema(_) | JournalCause::Lost(_) => None,
         }
     }
 }
@@ -391,6 +553,15 @@ fn hex(bytes: &[u8]) -> String {
 pub struct Journal {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// (device, inode) of the file when it was opened: a file at `path` with
+    /// another identity is not the journal this handle writes to.
+    ident: (u64, u64),
+    /// (device, inode) of its `-wal` when it was opened (the daemon's
+    /// connection keeps it for as long as it runs).
+    wal_ident: Option<(u64, u64)>,
+    /// (package, host) whose last [`Journal::set_state`] failed, with why:
+    /// that state is not on record (see [`Journal::take_unrecorded`]).
+    unrecorded: Mutex<HashMap<(i64, String), String>>,
 }
 
 impl fmt::Debug for Journal {
@@ -456,66 +627,331 @@ fn package_from_row(r: &Row<'_>) -> rusqlite::Result<Package> {
     })
 }
 
+/// A failed step of [`Journal::open`]: the operation and its cause.
+type OpenFailure = (&'static str, JournalCause);
+
+/// The journal file at `path` is a whole journal, or there is none and a new
+/// one was created; refused: an empty file, something not a regular file,
+/// and a missing journal whose write-ahead log `wal` is still there.
+fn ensure_whole_journal(path: &Path, wal: &Path) -> Result<(), OpenFailure> {
+    // The -wal first, then the file: a -wal only appears once its journal
+    // exists, so "no journal" seen after "a -wal" means it was deleted.
+    let wal_left = fs::symlink_metadata(wal).is_ok();
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if wal_left {
+                return Err((
+                    "open",
+                    JournalCause::Schema(SchemaProblem::WalLeft {
+                        wal: wal.to_path_buf(),
+                        shm: sidecar(path, "-shm"),
+                    }),
+                ));
+            }
+            create_fresh(path).map_err(|c| ("create", c))
+        }
+        Err(e) => Err(("open", JournalCause::Io(e))),
+        Ok(m) if !m.is_file() => Err(("open", refuse(path, Unusable::NotAFile))),
+        Ok(m) if m.len() == 0 => Err(("open", refuse(path, Unusable::Empty))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Open the existing journal file at `path`: WAL mode, pragmas, statement cache.
+fn connect(path: &Path) -> Result<Connection, OpenFailure> {
+    let sql_err = |op, e: rusqlite::Error| (op, sqlite_cause(path, e));
+    // no SQLITE_OPEN_CREATE: a file deleted since the check is not
+    // silently recreated empty
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| sql_err("open", e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| sql_err("set busy timeout", e))?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .map_err(|e| sql_err("switch to WAL mode", e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!(
+            "{}: journal: WAL mode refused (mode is {mode}); concurrent use will be slower",
+            path.display()
+        );
+    }
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+        .map_err(|e| sql_err("set pragmas", e))?;
+    // every statement run per file stays prepared
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+/// A delivery's attempt counters after recording a state (see the module
+/// docs for how attempts are counted).
+struct Counts {
+    /// This state starts a new run (forgets the previous run's outcome).
+    new_run: bool,
+    attempts: i64,
+    run_base: i64,
+}
+
+impl Counts {
+    fn next(
+        tx: &Connection,
+        pkg: i64,
+        host: &str,
+        state: State,
+        attempt: u32,
+    ) -> rusqlite::Result<Counts> {
+        let prev: Option<(String, i64, i64)> = tx
+            .prepare_cached(
+                "SELECT state, attempts, run_base FROM delivery WHERE package = ?1 AND host = ?2",
+            )?
+            .query_row(params![pkg, host], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let (prev_state, attempts, run_base) = match &prev {
+            Some((s, a, b)) => (State::parse(s), *a, *b),
+            None => (None, 0, 0),
+        };
+        let this_run = i64::from(attempt);
+        let new_run = starts_run(prev_state, state);
+        let run_base = if new_run { attempts } else { run_base };
+        let attempts = match state {
+            State::Queued => attempts,
+            State::Uploading => run_base + this_run.max(1),
+            _ => attempts.max(run_base + this_run),
+        };
+        Ok(Counts {
+            new_run,
+            attempts,
+            run_base,
+        })
+    }
+}
+
+/// The delivery row of a state that starts a run: the previous run's
+/// outcome is forgotten.
+const UPSERT_NEW_RUN: &str =
+    "INSERT INTO delivery (package, host, state, attempts, run_base, transport,
+                     fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms,
+                     updated, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (package, host) DO UPDATE SET
+                     state = excluded.state, attempts = excluded.attempts,
+                     run_base = excluded.run_base, transport = excluded.transport,
+                     fallback_reason = excluded.fallback_reason,
+                     remote_path = excluded.remote_path, exit_status = excluded.exit_status,
+                     output_tail = excluded.output_tail, error = excluded.error,
+                     elapsed_ms = excluded.elapsed_ms, updated = excluded.updated,
+                     updated_ms = excluded.updated_ms";
+
+/// The delivery row of a later state of a run: it keeps what earlier ones
+/// said unless it says otherwise.
+const UPSERT_SAME_RUN: &str =
+    "INSERT INTO delivery (package, host, state, attempts, run_base, transport,
+                     fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms,
+                     updated, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                 ON CONFLICT (package, host) DO UPDATE SET
+                     state = excluded.state, attempts = excluded.attempts,
+                     run_base = excluded.run_base,
+                     transport = coalesce(excluded.transport, transport),
+                     fallback_reason = coalesce(excluded.fallback_reason, fallback_reason),
+                     remote_path = coalesce(excluded.remote_path, remote_path),
+                     exit_status = excluded.exit_status, output_tail = excluded.output_tail,
+                     error = excluded.error,
+                     elapsed_ms = coalesce(excluded.elapsed_ms, elapsed_ms),
+                     updated = excluded.updated, updated_ms = excluded.updated_ms";
+
+fn upsert_delivery(
+    tx: &Connection,
+    (pkg, host, state): (i64, &str, State),
+    detail: &Detail,
+    c: &Counts,
+    (time, time_ms): (&str, i64),
+) -> rusqlite::Result<()> {
+    let sql = if c.new_run {
+        UPSERT_NEW_RUN
+    } else {
+        UPSERT_SAME_RUN
+    };
+    tx.prepare_cached(sql)?.execute(params![
+        pkg,
+        host,
+        state.as_str(),
+        c.attempts,
+        c.run_base,
+        detail.transport,
+        detail.fallback_reason,
+        detail.remote_path,
+        detail.exit_status,
+        detail.output_tail,
+        detail.error,
+        detail.elapsed_ms.map(to_i64),
+        time,
+        time_ms,
+    ])?;
+    Ok(())
+}
+
+fn insert_event(
+    tx: &Connection,
+    (pkg, host, state): (i64, &str, State),
+    detail: &Detail,
+    run: i64,
+    (time, time_ms): (&str, i64),
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO event (package, host, state, time, time_ms, attempt, transport,
+             fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms,
+             run)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        pkg,
+        host,
+        state.as_str(),
+        time,
+        time_ms,
+        detail.attempt,
+        detail.transport,
+        detail.fallback_reason,
+        detail.remote_path,
+        detail.exit_status,
+        detail.output_tail,
+        detail.error,
+        detail.elapsed_ms.map(to_i64),
+        run,
+    ])?;
+    Ok(())
+}
+
 impl Journal {
-    /// Open (creating if needed) `state_dir/journal.sqlite`. `state_dir` is
-    /// created with mode 0700, the database file with 0600 (install output
-    /// may be sensitive).
+    /// Open `state_dir/journal.sqlite`, creating it (and `state_dir`) if it
+    /// does not exist. `state_dir` is created with mode 0700, the database
+    /// file with 0600 (install output may be sensitive).
+    ///
+    /// A new journal is built under a temporary name and linked into place
+    /// with its schema complete, so a journal file that exists is always a
+    /// whole journal. Hence an existing file that is empty (truncated), not an
+    /// SQLite database, or without the dispatch schema is refused — starting
+    /// afresh over it would send every file in the drop directories again —
+    /// and so is a missing `journal.sqlite` whose `journal.sqlite-wal` is
+    /// still there (the journal was deleted; its last transactions are in the
+    /// WAL, which SQLite would otherwise replay onto a new file).
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let path = state_dir.join(JOURNAL_FILE);
-        let io_err = |op: &str, e: io::Error| JournalError {
+        let fail = |op: &str, cause: JournalCause| JournalError {
             path: path.clone(),
             op: op.to_string(),
-            cause: JournalCause::Io(e),
+            cause,
         };
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(state_dir)
-            .map_err(|e| io_err("create state directory", e))?;
-        // Create the file ourselves so it gets 0600; SQLite gives the -wal and
-        // -shm files the same mode.
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| io_err("create", e))?;
-        let sql_err = |op: &str, e: rusqlite::Error| JournalError {
-            path: path.clone(),
-            op: op.to_string(),
-            cause: JournalCause::Sqlite(e),
-        };
-        let mut conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .map_err(|e| sql_err("open", e))?;
-        conn.busy_timeout(BUSY_TIMEOUT)
-            .map_err(|e| sql_err("set busy timeout", e))?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(|e| sql_err("switch to WAL mode", e))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            log::warn!(
-                "{}: journal: WAL mode refused (mode is {mode}); concurrent use will be slower",
-                path.display()
-            );
-        }
-        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
-            .map_err(|e| sql_err("set pragmas", e))?;
-        // every statement run per file stays prepared
-        conn.set_prepared_statement_cache_capacity(32);
-        migrate(&mut conn).map_err(|cause| JournalError {
-            path: path.clone(),
-            op: "prepare schema".into(),
-            cause,
+            .map_err(|e| fail("create state directory", JournalCause::Io(e)))?;
+        let wal = sidecar(&path, "-wal");
+        ensure_whole_journal(&path, &wal).map_err(|(op, c)| fail(op, c))?;
+        let mut conn = connect(&path).map_err(|(op, c)| fail(op, c))?;
+        migrate(&mut conn, false).map_err(|cause| {
+            let cause = match cause {
+                JournalCause::Sqlite(e) => sqlite_cause(&path, e),
+                c => c,
+            };
+            fail("prepare schema", cause)
         })?;
+        let meta = fs::metadata(&path).map_err(|e| fail("open", JournalCause::Io(e)))?;
+        let wal_ident = fs::metadata(&wal).ok().map(|m| (m.dev(), m.ino()));
         Ok(Journal {
             conn: Mutex::new(conn),
             path,
+            ident: (meta.dev(), meta.ino()),
+            wal_ident,
+            unrecorded: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Is the file at the journal's path still the one this handle writes
+    /// to? An error if it was deleted, replaced by another file or truncated
+    /// to nothing since it was opened: the daemon must stop, not go on
+    /// writing to a journal nobody will read. One `stat`, cheap enough to be
+    /// called before every write and on every tick.
+    pub fn check_file(&self) -> Result<(), JournalError> {
+        let lost = |how| {
+            Err(JournalError {
+                path: self.path.clone(),
+                op: "check".into(),
+                cause: JournalCause::Lost(how),
+            })
+        };
+        match fs::metadata(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => lost(Lost::Deleted),
+            Err(e) => Err(JournalError {
+                path: self.path.clone(),
+                op: "check".into(),
+                cause: JournalCause::Io(e),
+            }),
+            Ok(m) if (m.dev(), m.ino()) != self.ident => lost(Lost::Replaced),
+            Ok(m) if m.len() == 0 => lost(Lost::Truncated),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// After [`Journal::check_file`] failed: save what this handle still
+    /// sees, so that the record is not lost with the file, and take this
+    /// handle's `-wal`/`-shm` away from the path (SQLite would replay that
+    /// WAL onto whatever file is at the path next; a connection to a file
+    /// that was moved or deleted leaves its WAL behind when it closes). The
+    /// copy is written back to the journal's path if nothing is there (a
+    /// restart then goes on where this one stopped), else beside it as
+    /// `journal.sqlite.saved-<time>`. Returns where it went. No further
+    /// writes go through this handle ([`Journal::check_file`] refuses them).
+    pub fn save_copy(&self) -> Result<PathBuf, JournalError> {
+        let stamp = Local::now().format("%Y%m%dT%H%M%S%.3f");
+        let saved = sidecar(&self.path, &format!(".saved-{stamp}"));
+        let fail = |op: &str, cause: JournalCause| JournalError {
+            path: self.path.clone(),
+            op: op.to_string(),
+            cause,
+        };
+        // VACUUM INTO wants a missing or empty file; create it 0600 first
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&saved)
+            .map_err(|e| fail("save a copy", JournalCause::Io(e)))?;
+        let conn = self.conn();
+        if let Err(e) = conn.execute("VACUUM INTO ?1", params![saved.to_string_lossy()]) {
+            let _ = fs::remove_file(&saved);
+            return Err(fail("save a copy", JournalCause::Sqlite(e)));
+        }
+        let wal = sidecar(&self.path, "-wal");
+        let ours = fs::metadata(&wal).ok().map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.wal_ident {
+            let _ = fs::remove_file(&wal);
+            let _ = fs::remove_file(sidecar(&self.path, "-shm"));
+        }
+        if fs::symlink_metadata(&self.path).is_err()
+            && fs::symlink_metadata(&wal).is_err()
+            && fs::hard_link(&saved, &self.path).is_ok()
+        {
+            let _ = fs::remove_file(&saved);
+            return Ok(self.path.clone());
+        }
+        Ok(saved)
+    }
+
+    /// Why the last state recorded for `pkg` on `host` could not be written,
+    /// if it could not; forgets it. A job whose outcome is not on record is
+    /// not done: the daemon redoes it when it next sees the file.
+    pub fn take_unrecorded(&self, pkg: i64, host: &str) -> Option<String> {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(pkg, host.to_string()))
     }
 
     /// Path of the database file.
@@ -548,6 +984,7 @@ impl Journal {
         source: &Source,
     ) -> Result<i64, JournalError> {
         let op = format!("{}: add package", id.path.display());
+        self.check_file()?;
         let mut conn = self.conn();
         let run = |conn: &mut Connection| -> rusqlite::Result<i64> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -673,101 +1110,38 @@ impl Journal {
         detail: &Detail,
     ) -> Result<(), JournalError> {
         let op = format!("package {pkg}: {host}: record {state}");
+        let result = self
+            .check_file()
+            .and_then(|()| self.write_state(pkg, host, state, detail, op));
+        let mut unrecorded = self.unrecorded.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(()) => {
+                unrecorded.remove(&(pkg, host.to_string()));
+            }
+            Err(e) => {
+                unrecorded.insert((pkg, host.to_string()), e.to_string());
+            }
+        }
+        result
+    }
+
+    fn write_state(
+        &self,
+        pkg: i64,
+        host: &str,
+        state: State,
+        detail: &Detail,
+        op: String,
+    ) -> Result<(), JournalError> {
         let mut conn = self.conn();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let prev: Option<(String, i64, i64)> = tx.prepare_cached("SELECT state, attempts, run_base FROM delivery WHERE package = ?1 AND host = ?2")?.query_row(
-                    params![pkg, host],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
-            let (prev_state, attempts, run_base) = match &prev {
-                Some((s, a, b)) => (State::parse(s), *a, *b),
-                None => (None, 0, 0),
-            };
-            let this_run = i64::from(detail.attempt);
-            let new_run = match state {
-                State::Queued => true,
-                State::Uploading => {
-                    !matches!(prev_state, Some(State::Queued) | Some(State::Uploading))
-                }
-                _ => false,
-            };
-            let run_base = if new_run { attempts } else { run_base };
-            let attempts = match state {
-                State::Queued => attempts,
-                State::Uploading => run_base + this_run.max(1),
-                _ => attempts.max(run_base + this_run),
-            };
-            let (time, time_ms) = now();
-            let elapsed = detail.elapsed_ms.map(to_i64);
-            // A new run forgets the previous run's outcome; later states of a
-            // run keep what earlier ones said unless they say otherwise.
-            let sql = if new_run {
-                "INSERT INTO delivery (package, host, state, attempts, run_base, transport,
-                     fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms,
-                     updated, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT (package, host) DO UPDATE SET
-                     state = excluded.state, attempts = excluded.attempts,
-                     run_base = excluded.run_base, transport = excluded.transport,
-                     fallback_reason = excluded.fallback_reason,
-                     remote_path = excluded.remote_path, exit_status = excluded.exit_status,
-                     output_tail = excluded.output_tail, error = excluded.error,
-                     elapsed_ms = excluded.elapsed_ms, updated = excluded.updated,
-                     updated_ms = excluded.updated_ms"
-            } else {
-                "INSERT INTO delivery (package, host, state, attempts, run_base, transport,
-                     fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms,
-                     updated, updated_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
-                 ON CONFLICT (package, host) DO UPDATE SET
-                     state = excluded.state, attempts = excluded.attempts,
-                     run_base = excluded.run_base,
-                     transport = coalesce(excluded.transport, transport),
-                     fallback_reason = coalesce(excluded.fallback_reason, fallback_reason),
-                     remote_path = coalesce(excluded.remote_path, remote_path),
-                     exit_status = excluded.exit_status, output_tail = excluded.output_tail,
-                     error = excluded.error,
-                     elapsed_ms = coalesce(excluded.elapsed_ms, elapsed_ms),
-                     updated = excluded.updated, updated_ms = excluded.updated_ms"
-            };
-            tx.prepare_cached(sql)?.execute(params![
-                pkg,
-                host,
-                state.as_str(),
-                attempts,
-                run_base,
-                detail.transport,
-                detail.fallback_reason,
-                detail.remote_path,
-                detail.exit_status,
-                detail.output_tail,
-                detail.error,
-                elapsed,
-                time,
-                time_ms,
-            ])?;
-            tx.prepare_cached(
-                "INSERT INTO event (package, host, state, time, time_ms, attempt, transport,
-                     fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            )?
-            .execute(params![
-                pkg,
-                host,
-                state.as_str(),
-                time,
-                time_ms,
-                detail.attempt,
-                detail.transport,
-                detail.fallback_reason,
-                detail.remote_path,
-                detail.exit_status,
-                detail.output_tail,
-                detail.error,
-                elapsed,
-            ])?;
+            let c = Counts::next(&tx, pkg, host, state, detail.attempt)?;
+            let time = now();
+            let key = (pkg, host, state);
+            upsert_delivery(&tx, key, detail, &c, (&time.0, time.1))?;
+            let run = record_run(&tx, pkg, host, state, detail, c.new_run, (&time.0, time.1))?;
+            insert_event(&tx, key, detail, run, (&time.0, time.1))?;
             tx.commit()
         };
         run(&mut conn).map_err(self.err(op))
@@ -795,6 +1169,28 @@ impl Journal {
             Ok(out)
         };
         run().map_err(|e| self.err(format!("package {pkg}: read host states"))(e))
+    }
+
+    /// State and remote path of `pkg` on every host recorded, by host name:
+    /// where an upload in flight left its temporary file (`uploading`), or
+    /// where a verified upload is (`uploaded`).
+    pub fn remote_paths(
+        &self,
+        pkg: i64,
+    ) -> Result<Vec<(String, State, Option<String>)>, JournalError> {
+        let conn = self.conn();
+        let run = || -> rusqlite::Result<Vec<(String, String, Option<String>)>> {
+            let mut st = conn.prepare_cached(
+                "SELECT host, state, remote_path FROM delivery WHERE package = ?1 ORDER BY host",
+            )?;
+            let rows = st.query_map(params![pkg], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            rows.collect()
+        };
+        let rows = run().map_err(|e| self.err(format!("package {pkg}: read remote paths"))(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(h, s, p)| (h, State::parse(&s).unwrap_or(State::Failed), p))
+            .collect())
     }
 
     /// Done = every one of `hosts` is in `done_state` (`Installed` when the
@@ -836,7 +1232,8 @@ impl Journal {
         run().map_err(self.err("list unfinished packages"))
     }
 
-    /// One row per file × host in its latest state, newest first.
+    /// One row per delivery run (a file × host from queued to its end),
+    /// newest first.
     pub fn history(&self, f: &HistoryFilter) -> Result<Vec<HistoryRow>, JournalError> {
         let conn = self.conn();
         let limit: i64 = f
@@ -845,49 +1242,239 @@ impl Journal {
             .unwrap_or(-1);
         let run = || -> rusqlite::Result<Vec<HistoryRow>> {
             let mut st = conn.prepare_cached(
-                "SELECT d.updated, p.name, p.path_text, d.host, d.state, d.transport, d.attempts,
-                        d.exit_status, d.error, d.fallback_reason, p.source, p.vcs, p.rev,
+                "SELECT r.id, r.updated, r.started, p.name, p.path_text, r.host, r.state,
+                        r.transport, r.attempts, r.remote_path, r.elapsed_ms, r.exit_status,
+                        r.output_tail, r.error, r.fallback_reason, p.source, p.vcs, p.rev,
                         p.sha256, p.size
-                 FROM delivery d JOIN package p ON p.id = d.package
+                 FROM run r JOIN package p ON p.id = r.package
                  WHERE (?1 IS NULL OR instr(p.path_text, ?1) > 0)
-                   AND (?2 IS NULL OR d.host = ?2)
-                   AND (?3 = 0 OR d.state = 'failed')
-                 ORDER BY d.updated_ms DESC, p.id DESC, d.host
-                 LIMIT ?4",
+                   AND (?2 IS NULL OR r.host = ?2)
+                   AND (?3 = 0 OR r.state = 'failed')
+                   AND (?4 IS NULL OR r.id = ?4)
+                   AND (?5 IS NULL OR r.updated_ms >= ?5)
+                 ORDER BY r.updated_ms DESC, r.id DESC
+                 LIMIT ?6",
             )?;
-            let rows = st.query_map(params![f.file, f.host, f.failed_only, limit], |r| {
-                let kind: String = r.get(10)?;
-                let vcs: Option<String> = r.get(11)?;
-                let attempts: i64 = r.get(6)?;
+            let args = params![f.file, f.host, f.failed_only, f.run, f.since_ms, limit];
+            let rows = st.query_map(args, |r| {
+                let kind: String = r.get(15)?;
+                let vcs: Option<String> = r.get(16)?;
+                let attempts: i64 = r.get(8)?;
+                let elapsed: Option<i64> = r.get(10)?;
                 Ok(HistoryRow {
-                    time: r.get(0)?,
-                    file: r.get(1)?,
-                    path: r.get(2)?,
-                    host: r.get(3)?,
-                    state: r.get(4)?,
-                    transport: r.get(5)?,
+                    run: r.get(0)?,
+                    time: r.get(1)?,
+                    started: r.get(2)?,
+                    file: r.get(3)?,
+                    path: r.get(4)?,
+                    host: r.get(5)?,
+                    state: r.get(6)?,
+                    transport: r.get(7)?,
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                    exit_status: r.get(7)?,
-                    error: r.get(8)?,
-                    fallback_reason: r.get(9)?,
+                    remote_path: r.get(9)?,
+                    elapsed_ms: elapsed.map(to_u64),
+                    exit_status: r.get(11)?,
+                    output_tail: r.get(12)?,
+                    error: r.get(13)?,
+                    fallback_reason: r.get(14)?,
                     source: match vcs {
                         Some(v) if kind == "hook" => format!("hook:{v}"),
                         _ => kind,
                     },
-                    rev: r.get(12)?,
-                    sha256: r.get(13)?,
-                    size: to_u64(r.get(14)?),
+                    rev: r.get(17)?,
+                    sha256: r.get(18)?,
+                    size: to_u64(r.get(19)?),
                 })
             })?;
             rows.collect()
         };
         run().map_err(self.err("read history"))
     }
+
+    /// The state changes of one run, oldest first.
+    pub fn run_events(&self, run: i64) -> Result<Vec<RunEvent>, JournalError> {
+        let conn = self.conn();
+        let read = || -> rusqlite::Result<Vec<RunEvent>> {
+            let mut st = conn.prepare_cached(
+                "SELECT time, state, attempt, remote_path, error FROM event
+                 WHERE run = ?1 ORDER BY id",
+            )?;
+            let rows = st.query_map(params![run], |r| {
+                let attempt: i64 = r.get(2)?;
+                Ok(RunEvent {
+                    time: r.get(0)?,
+                    state: r.get(1)?,
+                    attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                    remote_path: r.get(3)?,
+                    error: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        };
+        read().map_err(self.err(format!("run {run}: read events")))
+    }
+}
+
+/// Does `state`, following `prev` on the same package × host, begin a new
+/// delivery run? A (re)queue does, and so does an upload that follows
+/// anything but a queue or another upload attempt (see the module docs).
+fn starts_run(prev: Option<State>, state: State) -> bool {
+    match state {
+        State::Queued => true,
+        State::Uploading => !matches!(prev, Some(State::Queued) | Some(State::Uploading)),
+        _ => false,
+    }
+}
+
+/// Record `state` on the run of `pkg` × `host` it belongs to — a new one if
+/// `new_run` or if there is none yet — and return that run's id. Later
+/// states of a run keep what earlier ones said (transport, remote path,
+/// elapsed) unless they say otherwise; the exit status, output tail and
+/// error are the latest state's.
+fn record_run(
+    tx: &Connection,
+    pkg: i64,
+    host: &str,
+    state: State,
+    detail: &Detail,
+    new_run: bool,
+    (time, time_ms): (&str, i64),
+) -> rusqlite::Result<i64> {
+    let current: Option<i64> = if new_run {
+        None
+    } else {
+        tx.prepare_cached(
+            "SELECT id FROM run WHERE package = ?1 AND host = ?2 ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![pkg, host], |r| r.get(0))
+        .optional()?
+    };
+    let attempt = match state {
+        State::Queued => 0,
+        State::Uploading => i64::from(detail.attempt.max(1)),
+        _ => i64::from(detail.attempt),
+    };
+    let elapsed = detail.elapsed_ms.map(to_i64);
+    match current {
+        Some(id) => {
+            tx.prepare_cached(
+                "UPDATE run SET state = ?2, attempts = max(attempts, ?3),
+                     transport = coalesce(?4, transport),
+                     fallback_reason = coalesce(?5, fallback_reason),
+                     remote_path = coalesce(?6, remote_path), exit_status = ?7,
+                     output_tail = ?8, error = ?9, elapsed_ms = coalesce(?10, elapsed_ms),
+                     updated = ?11, updated_ms = ?12
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                state.as_str(),
+                attempt,
+                detail.transport,
+                detail.fallback_reason,
+                detail.remote_path,
+                detail.exit_status,
+                detail.output_tail,
+                detail.error,
+                elapsed,
+                time,
+                time_ms,
+            ])?;
+            Ok(id)
+        }
+        None => {
+            tx.prepare_cached(
+                "INSERT INTO run (package, host, state, attempts, transport, fallback_reason,
+                     remote_path, exit_status, output_tail, error, elapsed_ms, started,
+                     started_ms, updated, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?12, ?13)",
+            )?
+            .execute(params![
+                pkg,
+                host,
+                state.as_str(),
+                attempt,
+                detail.transport,
+                detail.fallback_reason,
+                detail.remote_path,
+                detail.exit_status,
+                detail.output_tail,
+                detail.error,
+                elapsed,
+                time,
+                time_ms,
+            ])?;
+            Ok(tx.last_insert_rowid())
+        }
+    }
+}
+
+/// Schema v1 → v2: add the `run` table and rebuild the runs from the
+/// events, replayed in the order they were written under the rule the
+/// journal uses now ([`starts_run`]). Read in slices, so a large journal
+/// does not have to fit in memory.
+fn upgrade_v1_to_v2(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute_batch(SCHEMA_V2)?;
+    type Ev = (i64, i64, String, String, String, i64, Detail);
+    let mut last: HashMap<(i64, String), State> = HashMap::new();
+    let mut after = 0i64;
+    loop {
+        let slice: Vec<Ev> = {
+            let mut st = tx.prepare(
+                "SELECT id, package, host, state, time, time_ms, attempt, transport,
+                        fallback_reason, remote_path, exit_status, output_tail, error, elapsed_ms
+                 FROM event WHERE id > ?1 ORDER BY id LIMIT 5000",
+            )?;
+            let rows = st.query_map(params![after], |r| {
+                let attempt: i64 = r.get(6)?;
+                let elapsed: Option<i64> = r.get(13)?;
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    Detail {
+                        transport: r.get(7)?,
+                        fallback_reason: r.get(8)?,
+                        attempt: u32::try_from(attempt).unwrap_or(0),
+                        remote_path: r.get(9)?,
+                        exit_status: r.get(10)?,
+                        output_tail: r.get(11)?,
+                        error: r.get(12)?,
+                        elapsed_ms: elapsed.map(to_u64),
+                    },
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(end) = slice.last().map(|e| e.0) else {
+            break;
+        };
+        for (id, pkg, host, state, time, time_ms, detail) in slice {
+            // an unknown state (a newer writer's) reads as failed, as elsewhere
+            let st = State::parse(&state).unwrap_or(State::Failed);
+            let key = (pkg, host);
+            let new_run = starts_run(last.get(&key).copied(), st);
+            let run = record_run(tx, pkg, &key.1, st, &detail, new_run, (&time, time_ms))?;
+            // the run keeps the state as written
+            tx.prepare_cached("UPDATE run SET state = ?2 WHERE id = ?1")?
+                .execute(params![run, state])?;
+            tx.prepare_cached("UPDATE event SET run = ?2 WHERE id = ?1")?
+                .execute(params![id, run])?;
+            last.insert(key, st);
+        }
+        after = end;
+    }
+    Ok(())
 }
 
 /// Create or check the schema, inside one immediate transaction so that two
 /// processes opening a fresh journal at once do not both create it.
-fn migrate(conn: &mut Connection) -> Result<(), JournalCause> {
+/// `fresh`: the file was just created (by [`create_fresh`]); an existing
+/// file without a schema version is not a journal.
+fn migrate(conn: &mut Connection, fresh: bool) -> Result<(), JournalCause> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(JournalCause::Sqlite)?;
@@ -904,90 +1491,274 @@ fn migrate(conn: &mut Connection) -> Result<(), JournalCause> {
                 )
                 .map_err(JournalCause::Sqlite)?;
             if tables > 0 {
-                return Err(JournalCause::Schema(
-                    "database has tables but no dispatch schema version; not a dispatch journal?"
-                        .into(),
-                ));
+                return Err(JournalCause::Schema(SchemaProblem::Foreign));
             }
+            if !fresh {
+                return Err(JournalCause::Schema(SchemaProblem::NoSchema));
+            }
+            // a new journal is built as an old one is upgraded: one schema
             tx.execute_batch(SCHEMA_V1).map_err(JournalCause::Sqlite)?;
+            upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(JournalCause::Sqlite)?;
         }
-        SCHEMA_VERSION => {}
-        v if v > SCHEMA_VERSION => {
-            return Err(JournalCause::Schema(format!(
-                "schema version {v} is newer than this dispatch understands ({SCHEMA_VERSION})"
-            )))
+        1 => {
+            upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(JournalCause::Sqlite)?;
+            log::info!("journal: schema upgraded from version 1 to {SCHEMA_VERSION} (one row per delivery run)");
         }
-        v => return Err(JournalCause::Schema(format!("unknown schema version {v}"))),
+        SCHEMA_VERSION => {}
+        v if v > SCHEMA_VERSION => return Err(JournalCause::Schema(SchemaProblem::Newer(v))),
+        v => return Err(JournalCause::Schema(SchemaProblem::Unknown(v))),
     }
     tx.commit().map_err(JournalCause::Sqlite)
 }
 
+/// `journal.sqlite` + `suffix` (`-wal`, `-shm`, `.saved-…`).
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The cause for an existing file that is not a usable journal, with what to do.
+fn refuse(path: &Path, why: Unusable) -> JournalCause {
+    JournalCause::Schema(SchemaProblem::Unusable {
+        path: path.to_path_buf(),
+        why,
+    })
+}
+
+/// SQLite's "not a database" gets the same advice as any other unusable file.
+fn sqlite_cause(path: &Path, e: rusqlite::Error) -> JournalCause {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => refuse(path, Unusable::NotADatabase),
+        _ => JournalCause::Sqlite(e),
+    }
+}
+
+/// Build a new journal under a temporary name, schema and all, then link it
+/// to `path` (never over an existing file: if another process made one
+/// meanwhile, that one is used).
+fn create_fresh(path: &Path) -> Result<(), JournalCause> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let tmp = sidecar(path, &format!(".new-{}-{nanos}", std::process::id()));
+    let built = (|| {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(JournalCause::Io)?;
+        // rollback-journal mode for the build: nothing but this one file
+        let mut conn = Connection::open_with_flags(
+            &tmp,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(JournalCause::Sqlite)?;
+        migrate(&mut conn, true)?;
+        conn.close().map_err(|(_, e)| JournalCause::Sqlite(e))?;
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            // a file system without hard links
+            Err(_) if fs::symlink_metadata(path).is_err() => {
+                fs::rename(&tmp, path).map_err(JournalCause::Io)
+            }
+            Err(e) => Err(JournalCause::Io(e)),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    let _ = fs::remove_file(sidecar(&tmp, "-journal"));
+    built
+}
+
 // ---------------------------------------------------------------- display
 
-/// An aligned table for humans: time, file, host, state, transport, tries,
-/// exit status, source, and the error (or why a fallback was used).
+/// An aligned table for humans, one line per run: run id, time, file, host,
+/// state, transport, tries, exit status, elapsed, source, and the error (or
+/// where the file went, and why a fallback was used). Under a failed run,
+/// the last lines of its output, as `    | line`. Control characters in
+/// names, errors and output are shown escaped.
 pub fn format_history(rows: &[HistoryRow]) -> String {
     if rows.is_empty() {
         return "no entries\n".into();
     }
     let header = [
-        "TIME", "FILE", "HOST", "STATE", "VIA", "TRIES", "EXIT", "SOURCE", "DETAIL",
+        "RUN", "TIME", "FILE", "HOST", "STATE", "VIA", "TRIES", "EXIT", "ELAPSED", "SOURCE",
+        "DETAIL",
     ];
-    let mut table: Vec<[String; 9]> = Vec::with_capacity(rows.len() + 1);
-    table.push(header.map(String::from));
+    let mut table: Vec<([String; 11], Vec<String>)> = Vec::with_capacity(rows.len() + 1);
+    table.push((header.map(String::from), Vec::new()));
     for r in rows {
-        let time = DateTime::parse_from_rfc3339(&r.time)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
-            .unwrap_or_else(|_| r.time.clone());
+        let time = short_time(&r.time);
         let source = match &r.rev {
             Some(rev) => format!("{}@{}", r.source, truncate(rev, 12)),
             None => r.source.clone(),
         };
-        let detail = match (&r.error, &r.fallback_reason) {
-            (Some(e), _) => one_line(e),
-            (None, Some(f)) => format!("fallback: {}", one_line(f)),
-            (None, None) => String::new(),
+        let fallback = r
+            .fallback_reason
+            .as_ref()
+            .map(|f| format!("fallback: {}", one_line(f)));
+        let detail = match (&r.error, &r.remote_path, fallback) {
+            (Some(e), _, _) => one_line(e),
+            (None, Some(p), Some(f)) => format!("{} ({f})", one_line(p)),
+            (None, Some(p), None) => one_line(p),
+            (None, None, Some(f)) => f,
+            (None, None, None) => String::new(),
         };
-        table.push([
-            time,
-            r.file.clone(),
-            if r.host.is_empty() {
-                "-".into()
-            } else {
-                r.host.clone()
-            },
-            r.state.clone(),
-            r.transport.clone().unwrap_or_else(|| "-".into()),
-            r.attempts.to_string(),
-            r.exit_status.map_or_else(|| "-".into(), |s| s.to_string()),
-            source,
-            truncate(&detail, 160),
-        ]);
+        let tail = if r.state == "failed" {
+            tail_lines(r.output_tail.as_deref(), 3)
+        } else {
+            Vec::new()
+        };
+        table.push((
+            [
+                r.run.to_string(),
+                time,
+                escape(&r.file),
+                if r.host.is_empty() {
+                    "-".into()
+                } else {
+                    r.host.clone()
+                },
+                r.state.clone(),
+                r.transport.clone().unwrap_or_else(|| "-".into()),
+                r.attempts.to_string(),
+                r.exit_status.map_or_else(|| "-".into(), |s| s.to_string()),
+                r.elapsed_ms
+                    .map_or_else(|| "-".into(), |ms| format!("{:.2}s", ms as f64 / 1000.0)),
+                source,
+                truncate(&detail, 160),
+            ],
+            tail,
+        ));
     }
-    let mut widths = [0usize; 9];
-    for row in &table {
+    let mut widths = [0usize; 11];
+    for (row, _) in &table {
         for (w, cell) in widths.iter_mut().zip(row.iter()) {
             *w = (*w).max(cell.chars().count());
         }
     }
     let mut out = String::new();
-    for row in &table {
+    for (row, tail) in &table {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                line.push_str(cell);
+            line.push_str(cell);
+            if i + 1 < row.len() {
                 let pad = widths[i] - cell.chars().count() + 2;
                 line.extend(std::iter::repeat_n(' ', pad));
             }
         }
         out.push_str(line.trim_end());
         out.push('\n');
+        for l in tail {
+            out.push_str("    | ");
+            out.push_str(l);
+            out.push('\n');
+        }
     }
     out
+}
+
+/// One run in full (`history --run ID`): every field, the state changes,
+/// and the whole output tail.
+pub fn format_run(r: &HistoryRow, events: &[RunEvent]) -> String {
+    let mut out = String::new();
+    let mut field = |k: &str, v: &str| {
+        if !v.is_empty() {
+            out.push_str(&format!("{k:<10} {}\n", escape(v)));
+        }
+    };
+    field("run", &r.run.to_string());
+    field("file", &r.file);
+    field("path", &r.path);
+    field("host", &r.host);
+    field("state", &r.state);
+    field("started", &short_time(&r.started));
+    field("changed", &short_time(&r.time));
+    field("via", r.transport.as_deref().unwrap_or(""));
+    field("tries", &r.attempts.to_string());
+    field("remote", r.remote_path.as_deref().unwrap_or(""));
+    field(
+        "elapsed",
+        &r.elapsed_ms
+            .map(|ms| format!("{:.2}s", ms as f64 / 1000.0))
+            .unwrap_or_default(),
+    );
+    field(
+        "exit",
+        &r.exit_status.map(|s| s.to_string()).unwrap_or_default(),
+    );
+    field("error", r.error.as_deref().unwrap_or(""));
+    field("fallback", r.fallback_reason.as_deref().unwrap_or(""));
+    let source = match &r.rev {
+        Some(rev) => format!("{} {rev}", r.source),
+        None => r.source.clone(),
+    };
+    field("source", &source);
+    field("sha256", &r.sha256);
+    field("size", &r.size.to_string());
+    out.push_str("events\n");
+    for e in events {
+        let what = e
+            .error
+            .as_deref()
+            .or(e.remote_path.as_deref())
+            .unwrap_or("");
+        let attempt = if e.attempt > 0 {
+            format!(" (attempt {})", e.attempt)
+        } else {
+            String::new()
+        };
+        out.push_str(
+            format!(
+                "    {}  {}{attempt}  {}",
+                short_time(&e.time),
+                e.state,
+                escape(what)
+            )
+            .trim_end(),
+        );
+        out.push('\n');
+    }
+    let tail = tail_lines(r.output_tail.as_deref(), usize::MAX);
+    if !tail.is_empty() {
+        out.push_str("output\n");
+        for l in tail {
+            out.push_str("    | ");
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// `2026-01-02 10:11:12` from an RFC 3339 time (as is if it is not one).
+fn short_time(t: &str) -> String {
+    DateTime::parse_from_rfc3339(t)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// The last `n` non-empty lines of an output tail, control characters escaped.
+fn tail_lines(tail: Option<&str>, n: usize) -> Vec<String> {
+    let lines: Vec<&str> = tail
+        .unwrap_or("")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..].iter().map(|l| escape(l)).collect()
+}
+
+/// Control characters escaped: one terminal line.
+fn escape(s: &str) -> String {
+    crate::config::escape_control(s)
 }
 
 fn one_line(s: &str) -> String {
@@ -1197,19 +1968,41 @@ mod tests {
             j.host_states(pkg).unwrap()[0],
             ("h1".into(), State::Installed, 5)
         );
-        // one row per host, the error of the first run forgotten, transport kept
+        // one row per run, newest first: the second run of h1 keeps what its
+        // upload said (transport, remote path) and knows nothing of the
+        // first run's error; the first run stays as it ended
         let rows = j.history(&HistoryFilter::default()).unwrap();
-        assert_eq!(rows.len(), 2);
-        let h1 = rows.iter().find(|r| r.host == "h1").unwrap();
-        assert_eq!(h1.state, "installed");
+        assert_eq!(rows.len(), 3, "{rows:?}");
+        let h1 = &rows[0];
+        assert_eq!((h1.host.as_str(), h1.state.as_str()), ("h1", "installed"));
         assert_eq!(h1.error, None);
         assert_eq!(h1.transport.as_deref(), Some("ftp"));
+        assert_eq!(h1.remote_path.as_deref(), Some("/r/a"));
+        assert_eq!(h1.elapsed_ms, Some(1200));
         assert_eq!(
             h1.fallback_reason.as_deref(),
             Some("ssh: connection refused")
         );
         assert_eq!(h1.exit_status, Some(0));
-        assert_eq!(h1.attempts, 5);
+        assert_eq!(h1.attempts, 2, "attempts of this run only");
+        let first = rows.iter().find(|r| r.state == "failed").unwrap();
+        assert_eq!(first.host, "h1");
+        assert_eq!(first.attempts, 3);
+        assert_eq!(first.error.as_deref(), Some("connection refused"));
+        assert!(first.run < h1.run);
+        assert_eq!(rows.iter().filter(|r| r.host == "h2").count(), 1);
+        // a run's events, in order
+        let ev = j.run_events(h1.run).unwrap();
+        let states: Vec<&str> = ev.iter().map(|e| e.state.as_str()).collect();
+        assert_eq!(states, ["queued", "uploading", "uploaded", "installed"]);
+        let only = j
+            .history(&HistoryFilter {
+                run: Some(first.run),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].state, "failed");
         // every change was appended as an event
         let events: i64 = j
             .conn()
@@ -1356,7 +2149,7 @@ mod tests {
         let table = format_history(&all);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4);
-        assert!(lines[0].starts_with("TIME"));
+        assert!(lines[0].starts_with("RUN"));
         let col = lines[0].find("HOST").unwrap();
         assert!(
             lines.iter().skip(1).all(|l| l[col..].starts_with("web")),
@@ -1366,6 +2159,177 @@ mod tests {
         assert_eq!(format_history(&[]), "no entries\n");
         let json = serde_json::to_string(&all[0]).unwrap();
         assert!(json.contains("\"file\":\"db-2.zip\""), "{json}");
+    }
+
+    /// A schema v1 journal as the v1 writer left it: one package, host h1
+    /// with two runs (failed after 2 tries, then installed), host h2 left
+    /// uploading by a crash.
+    fn v1_journal(dir: &Path) -> PathBuf {
+        let path = dir.join(JOURNAL_FILE);
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO package (id, path, path_text, name, size, mtime_ns, sha256, source, created)
+             VALUES (7, ?1, '/drop/app-1.tgz', 'app-1.tgz', 10, 5, 'abc', 'watch', '2025-01-01T10:00:00.000+00:00')",
+            [b"/drop/app-1.tgz".as_slice()],
+        )
+        .unwrap();
+        // host, state, attempt, remote path, error, exit status
+        type V1Event<'a> = (
+            &'a str,
+            &'a str,
+            i64,
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<i32>,
+        );
+        let events: &[V1Event] = &[
+            ("h1", "queued", 0, None, None, None),
+            ("h2", "queued", 0, None, None, None),
+            ("h1", "uploading", 1, None, None, None),
+            (
+                "h2",
+                "uploading",
+                1,
+                Some("/r/.dispatch-1.part"),
+                None,
+                None,
+            ),
+            ("h1", "uploading", 2, None, None, None),
+            ("h1", "failed", 2, None, Some("connection refused"), None),
+            ("h1", "queued", 0, None, None, None),
+            (
+                "h1",
+                "uploading",
+                1,
+                Some("/r/.dispatch-2.part"),
+                None,
+                None,
+            ),
+            ("h1", "uploaded", 1, Some("/r/app-1.tgz"), None, None),
+            ("h1", "installed", 1, None, None, Some(0)),
+        ];
+        for (i, (host, state, attempt, remote, error, exit)) in events.iter().enumerate() {
+            let ms = 1_735_725_600_000 + i as i64 * 1000;
+            c.execute(
+                "INSERT INTO event (package, host, state, time, time_ms, attempt, transport,
+                     remote_path, exit_status, output_tail, error, elapsed_ms)
+                 VALUES (7, ?1, ?2, ?3, ?4, ?5, 'scp', ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    host,
+                    state,
+                    format!("2025-01-01T10:00:{i:02}.000+00:00"),
+                    ms,
+                    attempt,
+                    remote,
+                    exit,
+                    exit.map(|_| "done\n"),
+                    error,
+                    exit.map(|_| 900i64),
+                ],
+            )
+            .unwrap();
+        }
+        for (host, state, attempts, updated) in
+            [("h1", "installed", 3, 9i64), ("h2", "uploading", 1, 3)]
+        {
+            c.execute(
+                "INSERT INTO delivery (package, host, state, attempts, run_base, updated, updated_ms)
+                 VALUES (7, ?1, ?2, ?3, 0, '2025-01-01T10:00:00.000+00:00', ?4)",
+                params![host, state, attempts, 1_735_725_600_000 + updated * 1000],
+            )
+            .unwrap();
+        }
+        drop(c);
+        path
+    }
+
+    #[test]
+    fn a_v1_journal_is_migrated_with_its_runs_replayed_from_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = v1_journal(dir.path());
+        let j = Journal::open(dir.path()).unwrap();
+        let version: i64 = j
+            .conn()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let rows = j.history(&HistoryFilter::default()).unwrap();
+        let got: Vec<(&str, &str, u32)> = rows
+            .iter()
+            .map(|r| (r.host.as_str(), r.state.as_str(), r.attempts))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("h1", "installed", 1),
+                ("h1", "failed", 2),
+                ("h2", "uploading", 1)
+            ],
+            "{rows:?}"
+        );
+        let done = &rows[0];
+        assert_eq!(done.remote_path.as_deref(), Some("/r/app-1.tgz"));
+        assert_eq!(done.exit_status, Some(0));
+        assert_eq!(done.output_tail.as_deref(), Some("done\n"));
+        assert_eq!(done.elapsed_ms, Some(900));
+        assert_eq!(done.started, "2025-01-01T10:00:06.000+00:00");
+        assert_eq!(rows[1].error.as_deref(), Some("connection refused"));
+        // every event names its run; the old delivery rows still work
+        let orphans: i64 = j
+            .conn()
+            .query_row("SELECT count(*) FROM event WHERE run IS NULL", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(orphans, 0);
+        assert_eq!(j.run_events(done.run).unwrap().len(), 4);
+        assert_eq!(j.unfinished().unwrap().len(), 1, "h2 is still to do");
+        assert!(j.is_done(7, &["h1".into()], State::Installed).unwrap());
+        // the next delivery continues where v1 left off: h2's run goes on
+        j.set_state(
+            7,
+            "h2",
+            State::Installed,
+            &Detail {
+                attempt: 1,
+                ..Detail::default()
+            },
+        )
+        .unwrap();
+        let h2 = j
+            .history(&HistoryFilter {
+                host: Some("h2".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(h2.len(), 1);
+        assert_eq!(h2[0].state, "installed");
+        assert_eq!(h2[0].remote_path.as_deref(), Some("/r/.dispatch-1.part"));
+        drop(j);
+        // opened again: nothing to migrate, nothing doubled
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.history(&HistoryFilter::default()).unwrap().len(), 3);
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn history_since_keeps_only_runs_changed_after_the_time() {
+        let dir = tempfile::tempdir().unwrap();
+        v1_journal(dir.path());
+        let j = Journal::open(dir.path()).unwrap();
+        // h2 changed at +3 s, h1's first run at +5 s, its second at +9 s
+        let at = |s: i64| HistoryFilter {
+            since_ms: Some(1_735_725_600_000 + s * 1000),
+            ..Default::default()
+        };
+        assert_eq!(j.history(&at(0)).unwrap().len(), 3);
+        assert_eq!(j.history(&at(4)).unwrap().len(), 2);
+        let late = j.history(&at(6)).unwrap();
+        assert_eq!(late.len(), 1);
+        assert_eq!(late[0].state, "installed");
+        assert!(j.history(&at(10)).unwrap().is_empty());
     }
 
     #[test]
@@ -1456,5 +2420,146 @@ mod tests {
             .unwrap();
         assert_eq!(n, 1, "package {both:?} recorded twice");
         assert_eq!(a.unfinished().unwrap().len(), 1); // `shared` is left uploading
+    }
+
+    #[test]
+    fn an_existing_journal_that_is_empty_or_not_a_journal_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        // truncated to 0 bytes
+        fs::write(&path, b"").unwrap();
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("empty"), "{e}");
+        assert!(e.contains("move it aside"), "{e}");
+        assert_eq!(fs::metadata(&path).unwrap().len(), 0, "left as it was");
+        // not SQLite at all
+        fs::write(&path, vec![b'x'; 8192]).unwrap();
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not an SQLite database"), "{e}");
+        assert!(e.contains("move it aside"), "{e}");
+        // an SQLite database without the schema
+        fs::remove_file(&path).unwrap();
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch("PRAGMA journal_mode=DELETE; PRAGMA page_size=4096; VACUUM;")
+            .unwrap();
+        drop(c);
+        assert!(fs::metadata(&path).unwrap().len() > 0);
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("without the dispatch schema"), "{e}");
+    }
+
+    #[test]
+    fn a_new_journal_appears_whole_and_a_deleted_one_with_its_wal_left_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with("-wal") && !n.ends_with("-shm"))
+            .collect();
+        assert_eq!(names, vec![JOURNAL_FILE.to_string()], "no temporary left");
+        j.add_package(&ident(Path::new("/d/x"), 1, 2, "h"), None, &Source::Manual)
+            .unwrap();
+        // deleted under a handle: its -wal is still there
+        fs::remove_file(j.path()).unwrap();
+        assert!(sidecar(j.path(), "-wal").exists());
+        let e = Journal::open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("journal.sqlite-wal"), "{e}");
+        assert!(e.contains("deleted"), "{e}");
+        drop(j);
+    }
+
+    #[test]
+    fn check_file_notices_a_deleted_replaced_or_truncated_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let pkg = j
+            .add_package(&ident(Path::new("/d/x"), 1, 2, "h"), None, &Source::Manual)
+            .unwrap();
+        j.check_file().unwrap();
+        // replaced (same content, another file)
+        let other = dir.path().join("other");
+        fs::copy(j.path(), &other).unwrap();
+        fs::rename(&other, j.path()).unwrap();
+        let e = j.check_file().unwrap_err();
+        assert!(matches!(e.cause, JournalCause::Lost(_)), "{e}");
+        assert!(e.to_string().contains("replaced"), "{e}");
+        // writes are refused, and the failed state is remembered
+        assert!(j
+            .set_state(pkg, "h", State::Installed, &Detail::default())
+            .is_err());
+        assert!(j.take_unrecorded(pkg, "h").is_some());
+        assert!(j.take_unrecorded(pkg, "h").is_none(), "taken once");
+        assert!(j
+            .add_package(&ident(Path::new("/d/y"), 1, 2, "h"), None, &Source::Manual)
+            .is_err());
+        drop(j);
+
+        let j = Journal::open(dir.path()).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(j.path())
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(j
+            .check_file()
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        drop(j);
+    }
+
+    #[test]
+    fn a_journal_deleted_in_use_is_written_back_by_save_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let pkg = j
+            .add_package(&ident(Path::new("/d/x"), 1, 2, "h"), None, &Source::Manual)
+            .unwrap();
+        j.set_state(pkg, "h", State::Installed, &Detail::default())
+            .unwrap();
+        assert!(j.take_unrecorded(pkg, "h").is_none());
+        fs::remove_file(j.path()).unwrap();
+        assert!(j.check_file().unwrap_err().to_string().contains("deleted"));
+        let to = j.save_copy().unwrap();
+        assert_eq!(to, j.path());
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert!(j.is_done(pkg, &["h".into()], State::Installed).unwrap());
+        // replaced: the copy goes beside it
+        fs::copy(j.path(), dir.path().join("o")).unwrap();
+        fs::rename(dir.path().join("o"), j.path()).unwrap();
+        let to = j.save_copy().unwrap();
+        assert_ne!(to, j.path());
+        assert!(
+            to.to_string_lossy().contains("journal.sqlite.saved-"),
+            "{to:?}"
+        );
+        assert!(fs::metadata(&to).unwrap().len() > 0);
+    }
+
+    #[test]
+    fn a_failed_state_write_is_remembered_until_one_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let pkg = j
+            .add_package(&ident(Path::new("/d/x"), 1, 2, "h"), None, &Source::Manual)
+            .unwrap();
+        // the package row is gone: the foreign key makes the write fail
+        j.conn()
+            .execute_batch("PRAGMA foreign_keys=OFF; DELETE FROM package; PRAGMA foreign_keys=ON;")
+            .unwrap();
+        assert!(j
+            .set_state(pkg, "h", State::Installed, &Detail::default())
+            .is_err());
+        let why = j.take_unrecorded(pkg, "h").unwrap();
+        assert!(why.contains("record installed"), "{why}");
+        // a write that goes through clears it
+        j.conn().execute_batch("PRAGMA foreign_keys=OFF;").unwrap();
+        j.set_state(pkg, "h", State::Installed, &Detail::default())
+            .unwrap();
+        assert!(j.take_unrecorded(pkg, "h").is_none());
     }
 }

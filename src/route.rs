@@ -1,15 +1,15 @@
-//! File name → the route that matches, and the placeholders that fill its
-//! templates: the dated remote directory and the shell-quoted install command.
+//! File name → the route that matches (first match, [`Config::route_for`]),
+//! and the placeholders that fill its templates: the dated remote directory
+//! and the shell-quoted install command ([`crate::template`] expands them).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use chrono::{DateTime, Local};
 
-use crate::config::{captures, Config, Route};
-
-/// Placeholders every route has (named regex groups come on top).
-pub const BUILTIN_PLACEHOLDERS: &[&str] = &["name", "file", "dir", "host", "section"];
+use crate::config::{Config, Route};
+// moved to `template`; re-exported so the public API of `route` is unchanged
+pub use crate::template::{expand, shell_quote, BUILTIN_PLACEHOLDERS};
 
 /// A file matched to its route, for one batch (one timestamp).
 #[derive(Debug, Clone)]
@@ -19,243 +19,99 @@ pub struct Routed<'c> {
     pub groups: BTreeMap<String, String>,
 }
 
-/// The base name of a path, as text (lossy for non-UTF-8 names).
+/// The base name of a path, as text (lossy for non-UTF-8 names: for
+/// messages only; [`route`] refuses such names).
 pub fn base_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
+/// Why a file cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unroutable {
+    /// No section's regex matches the name.
+    NoRoute,
+    /// The name cannot be sent as it is (not UTF-8): refused rather than
+    /// mapped lossily, which could turn two names into one on the host.
+    BadName(String),
+}
+
+impl std::fmt::Display for Unroutable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unroutable::NoRoute => f.write_str("no route matches"),
+            Unroutable::BadName(why) => f.write_str(why),
+        }
+    }
+}
+
 /// The first route (in file order) whose regex matches the base name.
-pub fn route<'c>(config: &'c Config, path: &Path) -> Option<Routed<'c>> {
-    let name = base_name(path);
-    let route = config.route_for(&name)?;
-    Some(Routed {
+pub fn route<'c>(config: &'c Config, path: &Path) -> Result<Routed<'c>, Unroutable> {
+    let Some(raw) = path.file_name() else {
+        return Err(Unroutable::BadName("has no file name".into()));
+    };
+    let Some(name) = raw.to_str() else {
+        return Err(Unroutable::BadName(format!(
+            "file name {} is not valid UTF-8; it cannot be sent unchanged, so it is refused (rename the file)",
+            raw.as_encoded_bytes().escape_ascii()
+        )));
+    };
+    let route = config.route_for(name).ok_or(Unroutable::NoRoute)?;
+    Ok(Routed {
         route,
-        groups: captures(route, &name),
-        name,
+        groups: captures(route, name),
+        name: name.to_string(),
     })
 }
 
-/// Quote a string for a POSIX shell: `'…'`, with `'` written as `'\''`.
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
-        && !s.starts_with('-')
-    {
-        return s.to_string();
+impl Config {
+    /// The first route (in file order) whose regex matches the base name.
+    pub fn route_for(&self, base_name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.regex.is_match(base_name))
     }
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('\'');
-    for c in s.chars() {
-        if c == '\'' {
-            out.push_str("'\\''");
-        } else {
-            out.push(c);
+}
+
+/// Named regex captures of a match, for placeholders.
+pub fn captures(route: &Route, base_name: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(c) = route.regex.captures(base_name) {
+        for name in route.regex.capture_names().flatten() {
+            if let Some(m) = c.name(name) {
+                out.insert(name.to_string(), m.as_str().to_string());
+            }
         }
     }
-    out.push('\'');
     out
 }
 
-/// Is `cmd` one external command with plain arguments and redirections, so
-/// running it cannot change the shell that runs it? (`tar xzf 'a b.tgz' -C
-/// /opt`, `sha256sum x > x.installed`: yes. Lists, pipes, expansions,
-/// assignments, builtins and keywords: no.) The script runner runs such
-/// commands without a subshell of their own, which saves a fork per file.
-pub fn is_simple_command(cmd: &str) -> bool {
-    // dash's builtins and keywords, and bash's (where `sh` is bash)
-    const SHELL_WORDS: &[&str] = &[
-        "!",
-        ".",
-        ":",
-        "[",
-        "[[",
-        "alias",
-        "bg",
-        "bind",
-        "break",
-        "builtin",
-        "caller",
-        "case",
-        "cd",
-        "chdir",
-        "command",
-        "compgen",
-        "complete",
-        "compopt",
-        "continue",
-        "coproc",
-        "declare",
-        "dirs",
-        "disown",
-        "do",
-        "done",
-        "echo",
-        "elif",
-        "else",
-        "enable",
-        "esac",
-        "eval",
-        "exec",
-        "exit",
-        "export",
-        "false",
-        "fc",
-        "fg",
-        "fi",
-        "for",
-        "function",
-        "getopts",
-        "hash",
-        "help",
-        "history",
-        "if",
-        "in",
-        "jobs",
-        "kill",
-        "let",
-        "local",
-        "logout",
-        "mapfile",
-        "popd",
-        "printf",
-        "pushd",
-        "pwd",
-        "read",
-        "readarray",
-        "readonly",
-        "return",
-        "select",
-        "set",
-        "shift",
-        "shopt",
-        "source",
-        "suspend",
-        "test",
-        "then",
-        "time",
-        "times",
-        "trap",
-        "true",
-        "type",
-        "typeset",
-        "ulimit",
-        "umask",
-        "unalias",
-        "unset",
-        "until",
-        "wait",
-        "while",
-    ];
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_./,:+@%=^~-".contains(c);
-    let b: Vec<char> = cmd.chars().collect();
-    let mut i = 0;
-    let mut words = 0;
-    // one word at b[i..]: unquoted safe characters, '…', and "…" without
-    // `$`, `` ` `` or `\`; returns its end and its unquoted text, if valid
-    let word = |mut i: usize| -> Option<(usize, String, bool)> {
-        let (start, mut quoted) = (i, false);
-        while i < b.len() {
-            match b[i] {
-                '\'' => {
-                    let end = b[i + 1..].iter().position(|&c| c == '\'')?;
-                    i += end + 2;
-                    quoted = true;
-                }
-                '"' => {
-                    let end = b[i + 1..].iter().position(|&c| c == '"')?;
-                    if b[i + 1..i + 1 + end].iter().any(|c| "$`\\".contains(*c)) {
-                        return None;
-                    }
-                    i += end + 2;
-                    quoted = true;
-                }
-                c if plain(c) => i += 1,
-                ' ' | '\t' | '<' | '>' => break,
-                _ => return None,
-            }
-        }
-        (i > start).then(|| (i, b[start..i].iter().collect(), quoted))
-    };
-    while i < b.len() {
-        match b[i] {
-            ' ' | '\t' => i += 1,
-            '<' | '>' => {
-                // `>`, `>>`, `<`, `>&N`, each followed by its target
-                if b.get(i + 1) == Some(&'&') {
-                    if !b.get(i + 2).is_some_and(|c| c.is_ascii_digit()) {
-                        return false;
-                    }
-                    i += 3;
-                    continue;
-                }
-                i += if b[i] == '>' && b.get(i + 1) == Some(&'>') {
-                    2
-                } else {
-                    1
-                };
-                while b.get(i).is_some_and(|c| *c == ' ' || *c == '\t') {
-                    i += 1;
-                }
-                match word(i) {
-                    Some((end, _, _)) => i = end,
-                    None => return false,
-                }
-            }
-            c if c.is_ascii_digit() && matches!(b.get(i + 1), Some('<' | '>')) => i += 1,
-            _ => {
-                let Some((end, text, quoted)) = word(i) else {
-                    return false;
-                };
-                if words == 0
-                    && (quoted
-                        || text.contains('=')
-                        || text.starts_with('-')
-                        || SHELL_WORDS.contains(&text.as_str()))
-                {
-                    return false;
-                }
-                words += 1;
-                i = end;
-            }
-        }
+/// `dir` as [`dest_dir`] returns it, shown to a person: a path relative to
+/// the login's home is written `~/…` (the host resolves it when it is used).
+pub fn home_relative(dir: &str) -> String {
+    match dir {
+        d if d.starts_with('/') => d.to_string(),
+        "." | "" => "~".to_string(),
+        d => format!("~/{d}"),
     }
-    words > 0
 }
 
-/// Replace `{placeholders}`; each value goes through `quote`. `{{`/`}}` are literal braces.
-pub fn expand(
-    template: &str,
-    vars: &BTreeMap<String, String>,
-    quote: impl Fn(&str) -> String,
-) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(i) = rest.find(['{', '}']) {
-        out.push_str(&rest[..i]);
-        let c = rest.as_bytes()[i];
-        let after = &rest[i + 1..];
-        if after.as_bytes().first() == Some(&c) {
-            out.push(c as char);
-            rest = &after[1..];
-            continue;
-        }
-        if c == b'{' {
-            if let Some(end) = after.find('}') {
-                if let Some(v) = vars.get(&after[..end]) {
-                    out.push_str(&quote(v));
-                    rest = &after[end + 1..];
-                    continue;
-                }
+/// `dir` (as [`dest_dir`] returns it: relative to the login's home unless
+/// absolute) made absolute with the host's `home`.
+pub fn absolute_dir(dir: &str, home: &str) -> String {
+    if dir.starts_with('/') {
+        return dir.to_string();
+    }
+    let home = home.trim_end_matches('/');
+    match dir {
+        "." | "" => {
+            if home.is_empty() {
+                "/".into()
+            } else {
+                home.to_string()
             }
         }
-        out.push(c as char);
-        rest = after;
+        d => format!("{home}/{d}"),
     }
-    out.push_str(rest);
-    out
 }
 
 /// Why a remote path was refused.
@@ -348,59 +204,6 @@ pub fn remote_join(dir: &str, name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn simple_commands_are_told_apart_from_anything_that_could_change_the_shell() {
-        for cmd in [
-            "sha256sum pkg.tgz > pkg.tgz.installed",
-            "tar xzf 'a b;$(rm -rf ~).tgz' -C /opt/app",
-            "dpkg -i x.deb 2>&1",
-            "/opt/bin/install --force \"x y\" >>log 2> err <in",
-        ] {
-            assert!(is_simple_command(cmd), "{cmd}");
-        }
-        for cmd in [
-            "",
-            "   ",
-            "a; b",
-            "a && b",
-            "a | b",
-            "a &",
-            "(a)",
-            "{ a; }",
-            "exit 3",
-            "exec foo",
-            "cd /tmp",
-            "set -e",
-            "trap x EXIT",
-            "read x",
-            "umask 0",
-            ". ./env",
-            "source ./env",
-            "declare -x A=1",
-            "X=1 foo",
-            "'foo' bar",
-            "foo $HOME",
-            "foo \"$HOME\"",
-            "foo `id`",
-            "foo \\x",
-            "foo 'unclosed",
-            "foo <<EOF",
-            "foo >&",
-            "foo >",
-            "foo *.tgz",
-            "if true",
-            "foo\nbar",
-            "foo # comment",
-            "a'\\''b",
-        ] {
-            assert!(!is_simple_command(cmd), "{cmd:?}");
-        }
-        // every quoted name keeps a command simple, unless it holds a quote
-        let vars = BTreeMap::from([("name".to_string(), "a b;$(x)`y`\"z\"".to_string())]);
-        let cmd = expand("sha256sum {name} > {name}.installed", &vars, shell_quote);
-        assert!(is_simple_command(&cmd), "{cmd}");
-    }
     use crate::config::Config;
     use chrono::TimeZone;
 
@@ -409,14 +212,13 @@ mod tests {
     }
 
     #[test]
-    fn quoting_survives_hostile_names() {
-        assert_eq!(shell_quote("plain-1.2.tar.gz"), "plain-1.2.tar.gz");
-        assert_eq!(
-            shell_quote("a b;$(rm -rf ~)'.tar.gz"),
-            "'a b;$(rm -rf ~)'\\''.tar.gz'"
-        );
-        assert_eq!(shell_quote("-rf"), "'-rf'");
-        assert_eq!(shell_quote(""), "''");
+    fn match_is_anchored_at_start_only_and_first_wins() {
+        let c = cfg("[ibps]\nhost=a\n[ibps-1]\nhost=b\n[.*\\.zip$]\nhost=c\n");
+        assert_eq!(c.route_for("ibps-1.2.tar.gz").unwrap().hosts, ["a"]);
+        assert_eq!(c.route_for("x.zip").unwrap().hosts, ["c"]);
+        assert!(c.route_for("x-ibps.tar").is_none());
+        let c = cfg("[[ibps]]\nhost=a\n");
+        assert!(c.route_for("ibps-1.2.tar.gz").is_some());
     }
 
     #[test]
@@ -460,14 +262,5 @@ mod tests {
         let c = cfg("[(?s)(?P<v>.*)]\nhost=h\ndest_dir = /srv/{v}\n");
         let r = route(&c, Path::new("ok\nname")).unwrap();
         assert!(dest_dir(&r, "h", &when).is_err());
-    }
-
-    #[test]
-    fn literal_braces_and_percent_in_names() {
-        let vars: BTreeMap<String, String> = [("name".to_string(), "50%.zip".to_string())].into();
-        assert_eq!(
-            expand("{{x}} {name} {other}", &vars, shell_quote),
-            "{x} 50%.zip {other}"
-        );
     }
 }

@@ -186,6 +186,22 @@ impl std::error::Error for WatchError {
     }
 }
 
+/// `dirs` made absolute, with symlinks and `.`/`..` resolved, duplicates
+/// dropped (first one kept): the form the watcher reports paths under.
+pub fn canonical_dirs(dirs: &[PathBuf]) -> Result<Vec<PathBuf>, WatchError> {
+    let mut out: Vec<PathBuf> = Vec::with_capacity(dirs.len());
+    for d in dirs {
+        let c = fs::canonicalize(d).map_err(|e| WatchError::NotADirectory {
+            path: d.clone(),
+            cause: Some(e),
+        })?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
 /// Does the base name `name` match one of the glob `patterns` (`*` = any
 /// run of characters, `?` = one character, everything else literal)?
 pub fn is_ignored(name: &str, patterns: &[String]) -> bool {
@@ -229,6 +245,7 @@ enum Msg {
     Event(Event),
     NotifyError(notify::Error),
     Rescan,
+    Forget(PathBuf),
     Stop,
 }
 
@@ -249,12 +266,15 @@ impl fmt::Debug for Watcher {
 impl Watcher {
     /// Watch `dirs` (each must be an existing directory) and report on `out`.
     /// `out` should be unbounded, or drained promptly: the worker blocks while
-    /// it is full. Paths are reported under the directories as given.
+    /// it is full. Paths are reported under the canonical form of the
+    /// directories ([`canonical_dirs`]): inotify reports absolute paths, so a
+    /// relative or symlinked root would match none of its events.
     pub fn start(
         dirs: &[PathBuf],
         opts: WatchOptions,
         out: Sender<Ready>,
     ) -> Result<Watcher, WatchError> {
+        let dirs = &canonical_dirs(dirs)?;
         for d in dirs {
             match fs::metadata(d) {
                 Ok(m) if m.is_dir() => {}
@@ -318,6 +338,14 @@ impl Watcher {
     /// Walk the directories again now (e.g. after SIGHUP).
     pub fn rescan_now(&self) {
         let _ = self.ctl.send(Msg::Rescan);
+    }
+
+    /// Forget that `path` (as reported) was reported, so that the next
+    /// rescan judges it again and reports it once it is stable — for a file
+    /// whose handling failed and must be redone (a journal write that did
+    /// not go through).
+    pub fn forget(&self, path: PathBuf) {
+        let _ = self.ctl.send(Msg::Forget(path));
     }
 
     /// Stop watching; returns once the worker thread has ended.
@@ -521,6 +549,9 @@ impl Worker {
                 self.send(Ready::Error(msg));
             }
             Msg::Rescan => self.rescan_requested = true,
+            Msg::Forget(p) => {
+                self.emitted.remove(&p);
+            }
             Msg::Stop => self.stopped = true,
         }
     }
@@ -1160,6 +1191,44 @@ mod tests {
         assert!(!glob_match("a*b*c", "aXXbYY"));
         assert!(glob_match("**x", "yx"));
         assert!(!is_ignored("anything", &[]));
+    }
+
+    #[test]
+    fn a_forgotten_file_is_reported_again_by_the_next_rescan() {
+        let dropdir = tempfile::tempdir().unwrap();
+        let p = dropdir.path().join("redo-1.pkg");
+        fs::write(&p, b"x").unwrap();
+        set_old_mtime(&p, 60);
+        let (w, rx) = start(dropdir.path(), opts(100));
+        let (got, _, how) = next_file(&rx, LONG);
+        assert_eq!((got.as_path(), how), (p.as_path(), How::Rescan));
+        // a rescan alone does not report it twice
+        w.rescan_now();
+        nothing_more(&rx, Duration::from_millis(600));
+        w.forget(p.clone());
+        w.rescan_now();
+        let (again, _, _) = next_file(&rx, LONG);
+        assert_eq!(again, p);
+        w.stop();
+    }
+
+    #[test]
+    fn watched_dirs_are_reported_under_their_canonical_paths() {
+        let base = tempfile::tempdir().unwrap();
+        let real = base.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = base.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let canon = fs::canonicalize(&real).unwrap();
+        let dirs = canonical_dirs(&[link.clone(), real.join("."), real.clone()]).unwrap();
+        assert_eq!(dirs, vec![canon.clone()], "resolved and deduplicated");
+        let (w, rx) = start(&link, opts(100));
+        let src = base.path().join("moved-1.pkg");
+        fs::write(&src, b"m").unwrap();
+        fs::rename(&src, real.join("moved-1.pkg")).unwrap();
+        let (p, _, how) = next_file(&rx, LONG);
+        assert_eq!((p, how), (canon.join("moved-1.pkg"), How::RenamedIn));
+        w.stop();
     }
 
     #[test]

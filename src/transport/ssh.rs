@@ -8,6 +8,7 @@
 //! After that the session is dead and every call fails at once — a stalled
 //! transfer fails at its deadline, not at a multiple of it.
 
+use std::borrow::Cow;
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -20,8 +21,13 @@ use ssh2::{
 };
 
 use super::watchdog::Watchdog;
-use super::{io_kind, ErrorKind, TransferError};
+use super::{
+    io_kind, Cause, ErrorKind, Meter, Op, Progress, Protocol, Source, TransferError, Upload,
+    Uploaded, Uploader,
+};
+use crate::config::Transport;
 use crate::config::{HostKeyCheck, Secret};
+use crate::script::{driver_command, frame_job, rc_marker, DRIVER_GRACE};
 
 /// Read buffer for uploads. libssh2 splits writes into 32 KiB SSH packets;
 /// larger buffers did not help on loopback (notes §B.2).
@@ -48,6 +54,11 @@ impl SshTarget {
         } else {
             format!("{}:{}", self.host, self.port)
         }
+    }
+
+    /// A failure of `kind` during `op` on this host, over `protocol`.
+    pub fn err(&self, kind: ErrorKind, protocol: Protocol, op: Op) -> TransferError {
+        TransferError::on(kind, op, protocol, &self.host, Some(self.port))
     }
 }
 
@@ -183,145 +194,9 @@ pub struct SshSession {
     /// The session's SFTP channel, for checks and renames that need no
     /// remote process; `Err` once it proved unavailable.
     sftp: Option<Result<ssh2::Sftp, ()>>,
+    /// The login's home directory, once asked (see [`SshSession::home`]).
+    home: Option<String>,
 }
-
-/// The session's script runner: reads framed scripts from stdin (see
-/// [`frame_job`]) and runs each, printing a status line after it. One remote
-/// process per session instead of one login shell per file.
-///
-/// With bash on the host ([`BASH_DRIVER`]) a persistent `sh` ([`EXECUTOR`],
-/// as `dispatch-bounded`) reads the scripts and runs each in a subshell —
-/// or, for a script tagged [`IN_PLACE`], in its own shell — while bash only
-/// keeps the deadline: per file at most one `sh` fork, no `timeout`, no
-/// shell exec. Without bash a plain `sh` loop ([`SH_DRIVER`]) runs each
-/// script with `sh -c` under coreutils `timeout`. The runners are passed as
-/// quoted arguments, so the login shell only ever sees a plain `exec sh -c
-/// ARG NAME ARG ARG ARG ARG`.
-///
-/// Each status line carries `nonce` (random per runner, see [`rc_marker`]),
-/// so an install printing something that looks like one cannot end its
-/// script early.
-pub fn driver_command(nonce: &str) -> String {
-    use crate::route::shell_quote;
-    format!(
-        "exec sh -c {} dispatch-sh {} {} {} {}",
-        shell_quote(
-            r#"if command -v bash >/dev/null 2>&1; then exec bash --norc -c "$1" dispatch-driver "$4" "$3"; fi; exec sh -c "$2" dispatch-driver "$4""#
-        ),
-        shell_quote(BASH_DRIVER),
-        shell_quote(SH_DRIVER),
-        shell_quote(EXECUTOR),
-        shell_quote(nonce),
-    )
-}
-
-/// One script as the runners read it: a line with the deadline in seconds,
-/// each line of the script prefixed with `>`, then `.` — or `+` for a
-/// script tagged [`IN_PLACE`] (the tag itself is not sent). No line of a
-/// script, a quoted file name with newlines included, can end it early.
-pub fn frame_job(secs: u64, script: &str) -> Vec<u8> {
-    let (body, end) = match script.strip_prefix(IN_PLACE) {
-        Some(body) => (body, b'+'),
-        None => (script, b'.'),
-    };
-    let mut job = Vec::with_capacity(body.len() + 32);
-    job.extend_from_slice(format!("{}\n", secs.max(1)).as_bytes());
-    for line in body.split('\n') {
-        job.push(b'>');
-        job.extend_from_slice(line.as_bytes());
-        job.push(b'\n');
-    }
-    job.extend_from_slice(&[end, b'\n']);
-    job
-}
-
-/// What the runner prints before a script's status: `\n@@dispatch:NONCE:rc:`.
-pub fn rc_marker(nonce: &str) -> Vec<u8> {
-    format!("\n@@dispatch:{nonce}:rc:").into_bytes()
-}
-
-/// 16 hex digits from the kernel's random source (the time and pid if that
-/// cannot be read): not a secret, just not guessable by an install's output.
-fn fresh_nonce() -> String {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
-    if read.is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default();
-        let mixed = t ^ (u128::from(std::process::id()) << 64);
-        b.copy_from_slice(&mixed.to_le_bytes()[..8]);
-    }
-    hex(&b)
-}
-
-/// The bash runner (`$1` = the status marker's nonce, `$2` = [`EXECUTOR`]).
-/// The executor is a coprocess in a process group of its own (`set -m`)
-/// reading the channel (fd 5, bash's stdin) and writing the scripts' output
-/// to it (fd 4); it tells bash the deadline when a script starts and its
-/// status when it ends, on the coprocess pipe. bash waits for the status
-/// with `read -t` (a wait with a deadline, no `sleep` process). At the
-/// deadline the executor's group (it and the script's processes) gets TERM,
-/// 10 s later KILL, the status is 124, as with coreutils `timeout`, and a
-/// new executor reads on: the client sends the next script only after this
-/// status, so nothing of it was read. fd 3 is a pipe to itself, to sleep on.
-pub const BASH_DRIVER: &str = r#"set -m; exec 4>&1 5<&0 3<> <(:) </dev/null; m=$1; e=$2
-up() { coproc EX { exec sh -c "$e" dispatch-bounded <&5 5<&- 3>&-; }; g=$EX_PID; i=${EX[0]}; }
-up
-while IFS= read -r -u "$i" t; do
-  if IFS= read -r -t "$t" -u "$i" rc; then :
-  elif [ $? -gt 128 ]; then
-    rc=124; kill -TERM -- "-$g" 2>/dev/null
-    n=0; while kill -0 -- "-$g" 2>/dev/null && [ $n -lt 100 ]; do read -r -t 0.1 -u 3 _; n=$((n + 1)); done
-    kill -KILL -- "-$g" 2>/dev/null; wait "$g" 2>/dev/null; up
-  else
-    wait "$g" 2>/dev/null; rc=$?; kill -KILL -- "-$g" 2>/dev/null; up
-  fi
-  printf '\n@@dispatch:%s:rc:%s\n' "$m" "$rc"
-done"#;
-
-/// The executor under the bash runner: reads a script (see [`frame_job`]),
-/// reports its deadline to bash, runs it with stdin from /dev/null and its
-/// output on the channel (fd 4) and reports its exit status (`$0` in a
-/// script is `dispatch-bounded`). A script ended by `+` runs without a
-/// subshell: its `exit` ends the executor, whose status bash then reports
-/// before starting a new one. A script cut short (end of input) never runs.
-pub const EXECUTOR: &str = r#"nl='
-'
-while IFS= read -r t; do
-  s=
-  while IFS= read -r l; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
-  case $l in . | +) ;; *) exit 0 ;; esac
-  echo "$t"
-  if [ "$l" = + ]; then eval "$s" </dev/null >&4 2>&1 4>&-
-  else ( eval "$s" ) </dev/null >&4 2>&1 4>&-; fi
-  echo "$?"
-done"#;
-
-/// First line of a script that may run in the runner's own shell rather than
-/// a subshell: it only `cd`s, `exit`s, and runs one external command (see
-/// `route::is_simple_command`).
-pub const IN_PLACE: &str = "#dispatch:in-place\n";
-
-/// The fallback runner (no bash; `$1` = the nonce): one `sh -c` per script,
-/// stdin from /dev/null, the deadline enforced by coreutils `timeout`
-/// (TERM, KILL 10 s later, status 124) when the host has it.
-pub const SH_DRIVER: &str = r#"nl='
-'
-while IFS= read -r t; do
-  s=
-  while IFS= read -r l; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
-  case $l in . | +) ;; *) exit 0 ;; esac
-  if command -v timeout >/dev/null 2>&1; then timeout -k 10 "$t" sh -c "$s" </dev/null 2>&1
-  else sh -c "$s" </dev/null 2>&1; fi
-  printf '\n@@dispatch:%s:rc:%s\n' "$1" "$?"
-done"#;
-
-/// How much longer than a script's remote deadline the client waits: the
-/// runner's TERM-then-KILL takes up to 10 s.
-const DRIVER_GRACE: Duration = Duration::from_secs(15);
 
 /// Client-to-server cipher preference (see `vendor/libssh2-sys/PATCHES.md`).
 const UPLOAD_CIPHERS: &str = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,\
@@ -369,6 +244,85 @@ fn key_type_name(t: HostKeyType) -> &'static str {
     }
 }
 
+fn connect_error(
+    t: &SshTarget,
+    kind: ErrorKind,
+    op: Op,
+    what: impl Into<Cow<'static, str>>,
+    e: impl Into<Cause>,
+) -> TransferError {
+    t.err(kind, Protocol::Ssh, op).step(what).cause(e)
+}
+
+/// TCP to the first address of the host that answers within `connect_timeout`.
+fn tcp_connect(t: &SshTarget, started: Instant) -> Result<TcpStream, TransferError> {
+    let addrs: Vec<_> = (t.host.as_str(), t.port)
+        .to_socket_addrs()
+        .map_err(|e| connect_error(t, ErrorKind::Connect, Op::Resolve, "cannot resolve host", e))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        let left = t.connect_timeout.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(a, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    let Some(e) = last else {
+        return Err(t
+            .err(ErrorKind::Timeout, Protocol::Ssh, Op::Connect)
+            .step("connect timed out"));
+    };
+    let what = if e.kind() == std::io::ErrorKind::TimedOut {
+        format!(
+            "connect timed out after {:.1}s",
+            t.connect_timeout.as_secs_f64()
+        )
+    } else {
+        "connect failed".to_string()
+    };
+    Err(connect_error(t, io_kind(&e), Op::Connect, what, e))
+}
+
+/// A libssh2 session over `tcp`, handshake done under the watchdog
+/// (connect_timeout + io_timeout for the handshake and the login).
+fn handshake(t: &SshTarget, tcp: TcpStream, watchdog: &Watchdog) -> Result<Session, TransferError> {
+    let addr = t.addr();
+    let mut sess = Session::new()
+        .map_err(|e| connect_error(t, ErrorKind::Connect, Op::Handshake, "libssh2 init", e))?;
+    sess.set_tcp_stream(tcp);
+    let ms = u32::try_from(t.io_timeout.as_millis())
+        .unwrap_or(u32::MAX)
+        .max(1);
+    sess.set_timeout(ms);
+    // Uploads: AES-GCM first. With the vendored libssh2 patch (one cipher
+    // call per packet) it costs both ends less CPU than chacha20-poly1305,
+    // which libssh2 runs in portable C. Any failure here keeps the
+    // library's default order.
+    if let Err(e) = sess.method_pref(ssh2::MethodType::CryptCs, UPLOAD_CIPHERS) {
+        log::debug!("ssh {addr}: cipher preference not set: {e}");
+    }
+    watchdog.kick(t.connect_timeout + t.io_timeout);
+    sess.handshake().map_err(|e| {
+        let kind = if watchdog.fired() {
+            ErrorKind::Timeout
+        } else {
+            ssh_kind(&e)
+        };
+        connect_error(t, kind, Op::Handshake, "handshake failed", e)
+    })?;
+    Ok(sess)
+}
+
+/// Where [`SshSession::fail`] was called from.
+const HOST_KEY: (Protocol, Op) = (Protocol::Ssh, Op::HostKey);
+const EXEC: (Protocol, Op) = (Protocol::Ssh, Op::Exec);
+const SCRIPT: (Protocol, Op) = (Protocol::Ssh, Op::RunScript);
+const SCP: (Protocol, Op) = (Protocol::Scp, Op::Upload);
+
 /// Serialises appends to known_hosts files within this process.
 static KNOWN_HOSTS_LOCK: Mutex<()> = Mutex::new(());
 
@@ -377,77 +331,14 @@ impl SshSession {
     /// `connect_timeout` (TCP) and `io_timeout` (protocol).
     pub fn connect(t: &SshTarget) -> Result<SshSession, TransferError> {
         let addr = t.addr();
-        let err = |kind, what: &str, e: &dyn std::fmt::Display| {
-            TransferError::new(kind, format!("ssh {addr}: {what}: {e}"))
-        };
         let started = Instant::now();
-        let addrs: Vec<_> = (t.host.as_str(), t.port)
-            .to_socket_addrs()
-            .map_err(|e| err(ErrorKind::Connect, "cannot resolve host", &e))?
-            .collect();
-        let mut last = None;
-        let mut tcp = None;
-        for a in &addrs {
-            let left = t.connect_timeout.saturating_sub(started.elapsed());
-            if left.is_zero() {
-                break;
-            }
-            match TcpStream::connect_timeout(a, left) {
-                Ok(s) => {
-                    tcp = Some(s);
-                    break;
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        let tcp = match (tcp, last) {
-            (Some(s), _) => s,
-            (None, Some(e)) => {
-                let what = if e.kind() == std::io::ErrorKind::TimedOut {
-                    format!(
-                        "connect timed out after {:.1}s",
-                        t.connect_timeout.as_secs_f64()
-                    )
-                } else {
-                    "connect failed".to_string()
-                };
-                return Err(err(io_kind(&e), &what, &e));
-            }
-            (None, None) => {
-                return Err(TransferError::new(
-                    ErrorKind::Timeout,
-                    format!("ssh {addr}: connect timed out"),
-                ))
-            }
-        };
+        let tcp = tcp_connect(t, started)?;
         let _ = tcp.set_nodelay(true);
         let clone = tcp
             .try_clone()
-            .map_err(|e| err(ErrorKind::Connect, "socket", &e))?;
+            .map_err(|e| connect_error(t, ErrorKind::Connect, Op::Connect, "socket", e))?;
         let watchdog = Watchdog::new(clone, format!("ssh {addr}"));
-        let mut sess = Session::new().map_err(|e| err(ErrorKind::Connect, "libssh2 init", &e))?;
-        sess.set_tcp_stream(tcp);
-        let ms = u32::try_from(t.io_timeout.as_millis())
-            .unwrap_or(u32::MAX)
-            .max(1);
-        sess.set_timeout(ms);
-        // Uploads: AES-GCM first. With the vendored libssh2 patch (one cipher
-        // call per packet) it costs both ends less CPU than chacha20-poly1305,
-        // which libssh2 runs in portable C. Any failure here keeps the
-        // library's default order.
-        if let Err(e) = sess.method_pref(ssh2::MethodType::CryptCs, UPLOAD_CIPHERS) {
-            log::debug!("ssh {addr}: cipher preference not set: {e}");
-        }
-        // the handshake and auth share one deadline: connect_timeout + io_timeout
-        watchdog.kick(t.connect_timeout + t.io_timeout);
-        sess.handshake().map_err(|e| {
-            let kind = if watchdog.fired() {
-                ErrorKind::Timeout
-            } else {
-                ssh_kind(&e)
-            };
-            err(kind, "handshake failed", &e)
-        })?;
+        let sess = handshake(t, tcp, &watchdog)?;
         let mut s = SshSession {
             sess,
             watchdog,
@@ -457,6 +348,7 @@ impl SshSession {
             driver: None,
             broken: std::cell::Cell::new(false),
             sftp: None,
+            home: None,
         };
         s.check_host_key()?;
         s.authenticate()?;
@@ -469,24 +361,39 @@ impl SshSession {
         Ok(s)
     }
 
-    fn fail(&self, kind: ErrorKind, what: &str, e: &dyn std::fmt::Display) -> TransferError {
+    fn err(&self, kind: ErrorKind, protocol: Protocol, op: Op) -> TransferError {
+        self.target.err(kind, protocol, op)
+    }
+
+    /// A failure during `op`, named `what`, because of `e`: a timeout if
+    /// the watchdog fired; a connection-level one marks the session broken.
+    fn fail(
+        &self,
+        kind: ErrorKind,
+        (protocol, op): (Protocol, Op),
+        what: impl Into<Cow<'static, str>>,
+        e: impl Into<Cause>,
+    ) -> TransferError {
         let kind = if self.watchdog.fired() {
             ErrorKind::Timeout
         } else {
             kind
         };
-        if matches!(kind, ErrorKind::Connect | ErrorKind::Timeout) {
-            self.broken.set(true);
-        }
         let suffix = if self.watchdog.fired() {
             " (deadline passed, connection closed)"
         } else {
             ""
         };
-        TransferError::new(
-            kind,
-            format!("ssh {}: {what}: {e}{suffix}", self.target.addr()),
-        )
+        if matches!(kind, ErrorKind::Connect | ErrorKind::Timeout) {
+            self.broken.set(true);
+            // Close the socket now: tearing down the channels of a stalled
+            // connection would otherwise wait io_timeout once more for each.
+            self.watchdog.fire();
+        }
+        self.err(kind, protocol, op)
+            .step(what)
+            .cause(e)
+            .note(suffix)
     }
 
     fn check_host_key(&mut self) -> Result<(), TransferError> {
@@ -495,10 +402,9 @@ impl SshSession {
         let (key, ktype) = match self.sess.host_key() {
             Some((k, ty)) => (k.to_vec(), ty),
             None => {
-                return Err(TransferError::new(
-                    ErrorKind::HostKey,
-                    format!("ssh {addr}: server sent no host key"),
-                ))
+                return Err(self
+                    .err(ErrorKind::HostKey, Protocol::Ssh, Op::HostKey)
+                    .step("server sent no host key"))
             }
         };
         let fp = self
@@ -510,14 +416,13 @@ impl SshSession {
         let mut kh = self
             .sess
             .known_hosts()
-            .map_err(|e| self.fail(ErrorKind::HostKey, "known_hosts", &e))?;
+            .map_err(|e| self.fail(ErrorKind::HostKey, HOST_KEY, "known_hosts", e))?;
         if t.known_hosts.exists() {
             kh.read_file(&t.known_hosts, KnownHostFileKind::OpenSSH)
                 .map_err(|e| {
-                    TransferError::new(
-                        ErrorKind::HostKey,
-                        format!("ssh {addr}: cannot read {}: {e}", t.known_hosts.display()),
-                    )
+                    t.err(ErrorKind::HostKey, Protocol::Ssh, Op::HostKey)
+                        .step(format!("cannot read {}", t.known_hosts.display()))
+                        .cause(e)
                 })?;
         }
         let entry = if t.port == 22 {
@@ -527,28 +432,26 @@ impl SshSession {
         };
         match kh.check_port(&t.host, t.port, &key) {
             CheckResult::Match => Ok(()),
-            CheckResult::Mismatch => Err(TransferError::new(
-                ErrorKind::HostKey,
-                format!(
-                    "ssh {addr}: HOST KEY CHANGED: the {ktype} key ({fp}) does not match {}. \
+            CheckResult::Mismatch => Err(t
+                .err(ErrorKind::HostKey, Protocol::Ssh, Op::HostKey)
+                .step(format!(
+                    "HOST KEY CHANGED: the {ktype} key ({fp}) does not match {}. \
                      This may be an attack; refused. If the host was really reinstalled, remove \
                      the old line with: ssh-keygen -R '{entry}' -f {}",
                     t.known_hosts.display(),
                     t.known_hosts.display()
-                ),
-            )),
+                ))),
             CheckResult::NotFound | CheckResult::Failure => match t.host_key_check {
-                HostKeyCheck::Strict => Err(TransferError::new(
-                    ErrorKind::HostKey,
-                    format!(
-                        "ssh {addr}: host key not known ({ktype} {fp}) and host_key_check = strict; \
+                HostKeyCheck::Strict => Err(t
+                    .err(ErrorKind::HostKey, Protocol::Ssh, Op::HostKey)
+                    .step(format!(
+                        "host key not known ({ktype} {fp}) and host_key_check = strict; \
                          to trust it, check the fingerprint and run: ssh-keyscan -p {} {} >> {} \
                          (or set host_key_check = accept-new)",
                         t.port,
                         t.host,
                         t.known_hosts.display()
-                    ),
-                )),
+                    ))),
                 HostKeyCheck::AcceptNew => {
                     let line = format!("{entry} {ktype} {}\n", base64(&key, true));
                     self.append_known_host(&line)?;
@@ -571,14 +474,9 @@ impl SshSession {
         let path = &self.target.known_hosts;
         let _guard = KNOWN_HOSTS_LOCK.lock();
         let fail = |e: std::io::Error| {
-            TransferError::new(
-                ErrorKind::HostKey,
-                format!(
-                    "ssh {}: cannot record host key in {}: {e}",
-                    self.target.addr(),
-                    path.display()
-                ),
-            )
+            self.err(ErrorKind::HostKey, Protocol::Ssh, Op::HostKey)
+                .step(format!("cannot record host key in {}", path.display()))
+                .cause(e)
         };
         if let Ok(existing) = std::fs::read_to_string(path) {
             if existing.lines().any(|l| l.trim() == line.trim()) {
@@ -646,7 +544,12 @@ impl SshSession {
             return Ok(());
         }
         if self.watchdog.fired() {
-            return Err(self.fail(ErrorKind::Timeout, "authentication", &"timed out"));
+            return Err(self.fail(
+                ErrorKind::Timeout,
+                (Protocol::Ssh, Op::Auth),
+                "authentication",
+                "timed out",
+            ));
         }
         let tried = if tried.is_empty() {
             format!(
@@ -655,10 +558,9 @@ impl SshSession {
         } else {
             format!("tried {}", tried.join(", "))
         };
-        Err(TransferError::new(
-            ErrorKind::Auth,
-            format!("ssh {}: login as {login} rejected ({tried})", t.addr()),
-        ))
+        Err(t
+            .err(ErrorKind::Auth, Protocol::Ssh, Op::Auth)
+            .step(format!("login as {login} rejected ({tried})")))
     }
 
     fn try_agent(&mut self, login: &str) {
@@ -699,25 +601,25 @@ impl SshSession {
         let mut ch = self
             .sess
             .channel_session()
-            .map_err(|e| self.fail(ssh_kind(&e), "open channel", &e))?;
+            .map_err(|e| self.fail(ssh_kind(&e), EXEC, "open channel", e))?;
         ch.handle_extended_data(ExtendedData::Merge)
-            .map_err(|e| self.fail(ssh_kind(&e), "channel setup", &e))?;
+            .map_err(|e| self.fail(ssh_kind(&e), EXEC, "channel setup", e))?;
         ch.exec(cmd)
-            .map_err(|e| self.fail(ssh_kind(&e), "exec", &e))?;
+            .map_err(|e| self.fail(ssh_kind(&e), EXEC, "exec", e))?;
         let mut scan = Scan::new(marker);
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             match ch.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => scan.feed(&buf[..n]),
-                Err(e) => return Err(self.fail(io_kind(&e), "reading command output", &e)),
+                Err(e) => return Err(self.fail(io_kind(&e), EXEC, "reading command output", e)),
             }
         }
         ch.wait_close()
-            .map_err(|e| self.fail(ssh_kind(&e), "closing channel", &e))?;
+            .map_err(|e| self.fail(ssh_kind(&e), EXEC, "closing channel", e))?;
         let status = ch
             .exit_status()
-            .map_err(|e| self.fail(ssh_kind(&e), "exit status", &e))?;
+            .map_err(|e| self.fail(ssh_kind(&e), EXEC, "exit status", e))?;
         let signal = ch.exit_signal().ok().and_then(|s| s.exit_signal);
         Ok(scan.finish(status, signal))
     }
@@ -730,53 +632,46 @@ impl SshSession {
         let cmd = format!("mkdir -p -- {}", crate::route::shell_quote(dir));
         let out = self.exec(&cmd, self.target.io_timeout)?;
         if !out.success() {
-            return Err(TransferError::new(
-                ErrorKind::Remote,
-                format!(
-                    "ssh {}: cannot create directory {dir}: {}",
-                    self.target.addr(),
-                    out.output.trim()
-                ),
-            ));
+            return Err(self
+                .err(ErrorKind::Remote, Protocol::Ssh, Op::Mkdir)
+                .step(format!("cannot create directory {dir}"))
+                .cause(out.output.trim())
+                .path(dir));
         }
         self.made_dirs.push(dir.to_string());
         Ok(())
     }
 
-    /// Stream `local` into `dir/tmp_name` over SCP (the legacy scp protocol,
-    /// spoken to one remote `scp -t` per directory and session, so a batch
-    /// of files costs one remote process, not one per file). Returns bytes
-    /// sent and, if asked, the sha256 of what was sent.
+    /// Stream `size` bytes of `file` (read positionally from offset 0, so
+    /// several sessions can send one open file at once) into `dir/tmp_name`
+    /// with permission bits `mode`, over SCP (the legacy scp protocol, spoken
+    /// to one remote `scp -t` per directory and session, so a batch of files
+    /// costs one remote process, not one per file). Returns bytes sent and,
+    /// if asked, the sha256 of what was sent.
     pub fn scp_upload(
         &mut self,
-        local: &Path,
+        src: Source<'_>,
         dir: &str,
         tmp_name: &str,
         want_sha: bool,
+        progress: Progress<'_>,
     ) -> Result<(u64, Option<String>), TransferError> {
-        let mut f = std::fs::File::open(local).map_err(|e| {
-            TransferError::new(
-                ErrorKind::Local,
-                format!("cannot open {}: {e}", local.display()),
-            )
-        })?;
-        let size = f
-            .metadata()
-            .map_err(|e| {
-                TransferError::new(
-                    ErrorKind::Local,
-                    format!("cannot stat {}: {e}", local.display()),
-                )
-            })?
-            .len();
         if tmp_name.contains(['\n', '\r', '/']) {
-            return Err(TransferError::new(
-                ErrorKind::Local,
-                format!("temporary name {tmp_name:?} cannot travel in the scp protocol"),
-            ));
+            return Err(self
+                .err(ErrorKind::Local, Protocol::Scp, Op::Upload)
+                .step(format!(
+                    "temporary name {tmp_name:?} cannot travel in the scp protocol"
+                ))
+                .bare());
         }
         self.watchdog.kick(self.target.io_timeout);
-        let r = self.sink_send(&mut f, size, dir, tmp_name, want_sha);
+        let r = self.sink_send(
+            src,
+            dir,
+            tmp_name,
+            want_sha,
+            &mut Meter::new(progress, src.size),
+        );
         self.watchdog.disarm();
         if r.is_err() {
             self.sink = None;
@@ -784,16 +679,9 @@ impl SshSession {
         r
     }
 
-    /// Check `dir/tmp_name` (its size, if `size` is given) and rename it to
-    /// `dir/name` over SFTP: no remote process per file. `Ok(false)`: the
-    /// host has no SFTP subsystem; do it with a shell instead.
-    pub fn sftp_finalize(
-        &mut self,
-        dir: &str,
-        tmp_name: &str,
-        name: &str,
-        size: Option<u64>,
-    ) -> Result<bool, TransferError> {
+    /// The session's SFTP channel; `Ok(None)` when the host has none (do it
+    /// with a shell instead).
+    fn sftp(&mut self) -> Result<Option<&ssh2::Sftp>, TransferError> {
         if self.sftp.is_none() {
             self.watchdog.kick(self.target.io_timeout);
             let opened = self.sess.sftp();
@@ -802,64 +690,237 @@ impl SshSession {
                 Ok(s) => Ok(s),
                 Err(e) => {
                     if self.watchdog.fired() {
-                        return Err(self.fail(ErrorKind::Timeout, "sftp", &e));
+                        return Err(self.fail(
+                            ErrorKind::Timeout,
+                            (Protocol::Sftp, Op::Sftp),
+                            "sftp",
+                            e,
+                        ));
                     }
-                    log::debug!(
-                        "ssh {}: no SFTP ({e}); renaming with a shell",
-                        self.target.addr()
-                    );
+                    log::debug!("ssh {}: no SFTP ({e}); using a shell", self.target.addr());
                     Err(())
                 }
             });
         }
-        let Some(Ok(sftp)) = &self.sftp else {
-            return Ok(false);
-        };
-        let tmp = PathBuf::from(crate::route::remote_join(dir, tmp_name));
-        let fin = PathBuf::from(crate::route::remote_join(dir, name));
+        Ok(match &self.sftp {
+            Some(Ok(s)) => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Whether the host has an SFTP subsystem (opened once per session).
+    pub fn has_sftp(&mut self) -> Result<bool, TransferError> {
+        Ok(self.sftp()?.is_some())
+    }
+
+    /// The login's home directory on the host, absolute (asked once per
+    /// session: SFTP's start directory, else the shell's `$HOME`).
+    pub fn home(&mut self) -> Result<String, TransferError> {
+        if let Some(h) = &self.home {
+            return Ok(h.clone());
+        }
         let addr = self.target.addr();
-        let remote = |what: String, e: ssh2::Error| match e.code() {
-            ErrorCode::SFTP(_) => {
-                TransferError::new(ErrorKind::Remote, format!("ssh {addr}: {what}: {e}"))
-            }
-            _ => TransferError::new(ssh_kind(&e), format!("ssh {addr}: {what}: {e}")),
-        };
-        self.watchdog.kick(self.target.io_timeout);
-        let r = (|| {
-            if let Some(want) = size {
-                let st = sftp
-                    .stat(&tmp)
-                    .map_err(|e| remote(format!("stat {}", tmp.display()), e))?;
-                if st.size != Some(want) {
-                    return Err(TransferError::new(
-                        ErrorKind::Verify,
-                        format!(
-                            "ssh {addr}: verification failed: {} has {} bytes on the host, sent {want}",
-                            tmp.display(),
-                            st.size.map(|n| n.to_string()).unwrap_or_else(|| "?".into())
-                        ),
-                    ));
-                }
-            }
-            // SFTP v3 rename refuses an existing target: remove it first (the
-            // final name is briefly absent, never partial)
-            let _ = sftp.unlink(&fin);
-            sftp.rename(&tmp, &fin, None)
-                .map_err(|e| remote(format!("rename {} to {name}", tmp.display()), e))
-        })();
-        self.watchdog.disarm();
-        if let Err(e) = &r {
-            if matches!(e.kind, ErrorKind::Connect | ErrorKind::Timeout) || self.watchdog.fired() {
-                self.broken.set(true);
+        let mut home = None;
+        if self.sftp()?.is_some() {
+            let r = self.sftp_op(Op::Home, ".", |sftp| sftp.realpath(Path::new(".")));
+            match r {
+                Ok(p) => home = p.to_str().map(str::to_string),
+                Err(e) if !self.is_alive() => return Err(e),
+                Err(e) => log::debug!("ssh {addr}: sftp realpath: {e}"),
             }
         }
-        r.map(|_| true)
+        let home = match home {
+            Some(h) => h,
+            None => {
+                let out = self.exec("printf '%s' \"$HOME\"", self.target.io_timeout)?;
+                out.output.trim_end_matches('\n').to_string()
+            }
+        };
+        if !home.starts_with('/') || home.contains(['\n', '\0']) {
+            return Err(self
+                .err(ErrorKind::Remote, Protocol::Ssh, Op::Home)
+                .step(format!(
+                    "cannot tell the login's home directory (got {home:?})"
+                )));
+        }
+        self.home = Some(home.clone());
+        Ok(home)
+    }
+
+    /// One SFTP call under the io deadline; connection-level failures mark
+    /// the session broken.
+    fn sftp_op<T>(
+        &mut self,
+        op: Op,
+        path: &str,
+        f: impl FnOnce(&ssh2::Sftp) -> Result<T, ssh2::Error>,
+    ) -> Result<T, TransferError> {
+        let Some(Ok(sftp)) = &self.sftp else {
+            return Err(self
+                .err(ErrorKind::Unavailable, Protocol::Sftp, op)
+                .step("no SFTP")
+                .path(path));
+        };
+        self.watchdog.kick(self.target.io_timeout);
+        let r = f(sftp);
+        self.watchdog.disarm();
+        r.map_err(|e| match e.code() {
+            ErrorCode::SFTP(_) if !self.watchdog.fired() => self
+                .err(ErrorKind::Remote, Protocol::Sftp, op)
+                .step("sftp")
+                .cause(e),
+            _ => self.fail(ssh_kind(&e), (Protocol::Sftp, op), "sftp", e),
+        })
+        .map_err(|e| e.path(path))
+    }
+
+    /// Size of a remote file over SFTP (`None`: it does not exist).
+    pub fn sftp_size(&mut self, path: &str) -> Result<Option<u64>, TransferError> {
+        match self.sftp_op(Op::Verify, path, |s| s.lstat(Path::new(path))) {
+            Ok(st) => Ok(Some(st.size.unwrap_or(0))),
+            Err(e) if e.kind == ErrorKind::Remote => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Remove a remote file over SFTP; a missing file is not an error.
+    pub fn sftp_unlink(&mut self, path: &str) -> Result<(), TransferError> {
+        match self.sftp_op(Op::Remove, path, |s| s.unlink(Path::new(path))) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind == ErrorKind::Remote => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Rename `tmp` to `fin` over SFTP, replacing `fin`. SFTP v3 refuses an
+    /// existing target, so `fin` is removed first (the final name is briefly
+    /// absent, never partial); if another sender puts a file there in
+    /// between, try again — the last rename wins, each file whole.
+    pub fn sftp_rename_over(&mut self, tmp: &str, fin: &str) -> Result<(), TransferError> {
+        // one request when nothing is in the way (a fresh dated dir); SFTP v3
+        // cannot rename over a file, so an old one is removed and it is tried again
+        let mut last = None;
+        for _ in 0..5 {
+            match self.sftp_op(Op::Rename, fin, |s| {
+                s.rename(Path::new(tmp), Path::new(fin), None)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind == ErrorKind::Remote => last = Some(e),
+                Err(e) => return Err(e),
+            }
+            self.sftp_unlink(fin)?;
+        }
+        Err(last.unwrap_or_else(|| {
+            self.err(ErrorKind::Remote, Protocol::Sftp, Op::Rename)
+                .step(format!("cannot rename {tmp} to {fin}"))
+                .path(fin)
+                .bare()
+        }))
+    }
+
+    /// Create `path` exclusively (O_CREAT|O_EXCL) holding `owner`: `Ok(true)`
+    /// if this call created it, `Ok(false)` if it already exists.
+    pub fn sftp_create_excl(&mut self, path: &str, owner: &str) -> Result<bool, TransferError> {
+        use ssh2::OpenFlags;
+        let r = self.sftp_op(Op::Lock, path, |s| {
+            let mut f = s.open_mode(
+                Path::new(path),
+                OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                0o644,
+                ssh2::OpenType::File,
+            )?;
+            let _ = f.write_all(owner.as_bytes());
+            Ok(())
+        });
+        match r {
+            Ok(()) => Ok(true),
+            // it exists (someone else's), or it cannot be made at all
+            Err(e) if e.kind == ErrorKind::Remote => match self.sftp_size(path)? {
+                Some(_) => Ok(false),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Create the symlink `path` → `owner` (one request; it fails when
+    /// anything is at `path`): `Ok(true)` taken, `Ok(false)` something is
+    /// there. A server that refuses symlinks gets [`SshSession::sftp_create_excl`].
+    pub fn sftp_symlink_excl(&mut self, path: &str, owner: &str) -> Result<bool, TransferError> {
+        let r = self.sftp_op(Op::Lock, path, |s| {
+            s.symlink(Path::new(owner), Path::new(path))
+        });
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind == ErrorKind::Remote => match self.sftp_size(path)? {
+                Some(_) => Ok(false),
+                None => self.sftp_create_excl(path, owner),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Who holds the lock at `path`: a symlink's target, else (a lock made
+    /// by `set -C` or an older dispatch) the file's first line; `None` when
+    /// nothing is there.
+    pub fn sftp_lock_holder(&mut self, path: &str) -> Result<Option<String>, TransferError> {
+        match self.sftp_op(Op::Lock, path, |s| s.readlink(Path::new(path))) {
+            Ok(target) => Ok(Some(target.to_string_lossy().into_owned())),
+            Err(e) if e.kind == ErrorKind::Remote => {
+                Ok(self.sftp_read_small(path)?.map(|(text, _)| text))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`SshSession::sftp_create_excl`], again if the file that was in the
+    /// way is gone by the time it is looked at (its holder removed it).
+    pub fn sftp_create_excl_retrying(
+        &mut self,
+        path: &str,
+        owner: &str,
+    ) -> Result<bool, TransferError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.sftp_create_excl(path, owner) {
+                Err(e) if e.kind == ErrorKind::Remote && tries < 5 => {
+                    log::debug!("ssh {}: {path}: {e}; trying again", self.target.addr());
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// A remote file's content (small files: lock owners) and its age.
+    pub fn sftp_read_small(&mut self, path: &str) -> Result<Option<(String, u64)>, TransferError> {
+        let r = self.sftp_op(Op::Lock, path, |s| {
+            let mut f = s.open(Path::new(path))?;
+            let st = f.stat()?;
+            let mut buf = Vec::new();
+            let _ = (&mut f).take(4096).read_to_end(&mut buf);
+            Ok((String::from_utf8_lossy(&buf).into_owned(), st.mtime))
+        });
+        match r {
+            Ok((text, mtime)) => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                Ok(Some((text, now.saturating_sub(mtime.unwrap_or(now)))))
+            }
+            Err(e) if e.kind == ErrorKind::Remote => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Read the sink's one-byte answer: 0 = ok, 1/2 + a message line = error.
     fn sink_ack(&mut self, what: &str) -> Result<(), TransferError> {
         let Some((_, ch)) = self.sink.as_mut() else {
-            return Err(TransferError::new(ErrorKind::Connect, "scp: no sink"));
+            return Err(self
+                .err(ErrorKind::Connect, Protocol::Scp, Op::Upload)
+                .step("no sink")
+                .protocol_only());
         };
         let mut b = [0u8; 1];
         let n = ch.read(&mut b);
@@ -880,51 +941,53 @@ impl SshSession {
                 } else {
                     ErrorKind::Remote
                 };
-                Err(TransferError::new(
-                    kind,
-                    format!("ssh {}: scp {what}: {msg}", self.target.addr()),
-                ))
+                Err(self
+                    .err(kind, Protocol::Scp, Op::Upload)
+                    .step(format!("scp {what}"))
+                    .cause(msg))
             }
             Ok(_) => Err(self.fail(
                 ErrorKind::Connect,
-                &format!("scp {what}"),
-                &"remote scp closed the connection (is scp installed on the host?)",
+                SCP,
+                format!("scp {what}"),
+                "remote scp closed the connection (is scp installed on the host?)",
             )),
-            Err(e) => Err(self.fail(io_kind(&e), &format!("scp {what}"), &e)),
+            Err(e) => Err(self.fail(io_kind(&e), SCP, format!("scp {what}"), e)),
         }
     }
 
     fn sink_send(
         &mut self,
-        f: &mut std::fs::File,
-        size: u64,
+        src: Source<'_>,
         dir: &str,
         tmp_name: &str,
         want_sha: bool,
+        meter: &mut Meter<'_>,
     ) -> Result<(u64, Option<String>), TransferError> {
+        let (f, size, mode) = (src.file, src.size, src.mode);
         let io = self.target.io_timeout;
         if self.sink.as_ref().is_none_or(|(d, _)| d != dir) {
             self.sink = None;
             let mut ch = self
                 .sess
                 .channel_session()
-                .map_err(|e| self.fail(ssh_kind(&e), "open scp channel", &e))?;
+                .map_err(|e| self.fail(ssh_kind(&e), SCP, "open scp channel", e))?;
             // stderr of the remote scp would otherwise fill the window unread
             ch.handle_extended_data(ExtendedData::Merge)
-                .map_err(|e| self.fail(ssh_kind(&e), "scp channel setup", &e))?;
+                .map_err(|e| self.fail(ssh_kind(&e), SCP, "scp channel setup", e))?;
             let cmd = format!("scp -d -t -- {}", crate::route::shell_quote(dir));
             ch.exec(&cmd)
-                .map_err(|e| self.fail(ssh_kind(&e), "start remote scp", &e))?;
+                .map_err(|e| self.fail(ssh_kind(&e), SCP, "start remote scp", e))?;
             self.sink = Some((dir.to_string(), ch));
             self.sink_ack("start")?;
         }
-        let header = format!("C0644 {size} {tmp_name}\n");
+        let header = format!("C{:04o} {size} {tmp_name}\n", mode & 0o7777);
         let w = self
             .sink
             .as_mut()
             .map(|(_, ch)| ch.write_all(header.as_bytes()));
         if let Some(Err(e)) = w {
-            return Err(self.fail(io_kind(&e), "scp header", &e));
+            return Err(self.fail(io_kind(&e), SCP, "scp header", e));
         }
         self.sink_ack(&format!("to {dir}/{tmp_name}"))?;
         let mut hasher = want_sha.then(Sha256::new);
@@ -932,29 +995,43 @@ impl SshSession {
         let mut sent = 0u64;
         while sent < size {
             let want = usize::try_from((size - sent).min(CHUNK as u64)).unwrap_or(CHUNK);
-            let n = f.read(&mut buf[..want]).map_err(|e| {
-                TransferError::new(ErrorKind::Local, format!("reading local file: {e}"))
-            })?;
+            let n =
+                std::os::unix::fs::FileExt::read_at(f, &mut buf[..want], sent).map_err(|e| {
+                    self.err(ErrorKind::Local, Protocol::Scp, Op::ReadLocal)
+                        .step("reading local file")
+                        .cause(e)
+                        .bare()
+                })?;
             if n == 0 {
-                return Err(TransferError::new(
-                    ErrorKind::Local,
-                    format!("local file shrank while uploading ({sent} of {size} bytes)"),
-                ));
+                return Err(self
+                    .err(ErrorKind::Local, Protocol::Scp, Op::ReadLocal)
+                    .step(format!(
+                        "local file shrank while uploading ({sent} of {size} bytes)"
+                    ))
+                    .bare());
             }
             if let Some(h) = hasher.as_mut() {
                 h.update(&buf[..n]);
             }
             let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(&buf[..n]));
             if let Some(Err(e)) = w {
-                return Err(self.fail(io_kind(&e), &format!("scp to {dir}/{tmp_name}"), &e));
+                return Err(self
+                    .fail(io_kind(&e), SCP, format!("scp to {dir}/{tmp_name}"), e)
+                    .path(format!("{dir}/{tmp_name}")));
             }
             sent += n as u64;
+            meter.sent(sent);
             self.watchdog.kick(io);
+            if crate::interrupt::requested() {
+                return Err(self
+                    .err(ErrorKind::Interrupted, Protocol::Scp, Op::Upload)
+                    .step("upload interrupted"));
+            }
         }
         // end of file: a NUL, then the sink acknowledges the whole file
         let w = self.sink.as_mut().map(|(_, ch)| ch.write_all(&[0]));
         if let Some(Err(e)) = w {
-            return Err(self.fail(io_kind(&e), "scp end of file", &e));
+            return Err(self.fail(io_kind(&e), SCP, "scp end of file", e));
         }
         self.sink_ack(&format!("to {dir}/{tmp_name}"))?;
         Ok((sent, hasher.map(|h| hex(&h.finalize()))))
@@ -972,7 +1049,7 @@ impl SshSession {
         marker: Option<&str>,
     ) -> Result<ExecOutput, TransferError> {
         if self.driver.is_none() {
-            let nonce = fresh_nonce();
+            let nonce = crate::transport::random_hex();
             let ch = self.sess.channel_session().and_then(|mut ch| {
                 ch.handle_extended_data(ExtendedData::Merge)?;
                 ch.exec(&driver_command(&nonce))?;
@@ -985,6 +1062,7 @@ impl SshSession {
                         "ssh {}: no script runner ({e}); one exec per file",
                         self.target.addr()
                     );
+                    self.set_read_timeout(limit + DRIVER_GRACE);
                     self.watchdog.kick(limit + DRIVER_GRACE);
                     let q = crate::route::shell_quote(script);
                     let secs = limit.as_secs().max(1);
@@ -994,17 +1072,27 @@ impl SshSession {
                     );
                     let r = self.exec_inner(&cmd, marker);
                     self.watchdog.disarm();
+                    self.set_read_timeout(self.target.io_timeout);
                     return r;
                 }
             }
         }
+        // the install, not the transfer, bounds a script: a quiet install
+        // longer than io_timeout is not a stalled connection
+        self.set_read_timeout(limit + DRIVER_GRACE);
         self.watchdog.kick(limit + DRIVER_GRACE);
         let r = self.driver_job(script, limit, marker);
         self.watchdog.disarm();
+        self.set_read_timeout(self.target.io_timeout);
         if r.is_err() {
             self.driver = None;
         }
         r
+    }
+
+    fn set_read_timeout(&self, d: Duration) {
+        let ms = u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
+        self.sess.set_timeout(ms);
     }
 
     fn driver_job(
@@ -1014,17 +1102,20 @@ impl SshSession {
         marker: Option<&str>,
     ) -> Result<ExecOutput, TransferError> {
         let Some((ch, _)) = self.driver.as_mut() else {
-            return Err(TransferError::new(ErrorKind::Connect, "no script runner"));
+            return Err(self
+                .err(ErrorKind::Connect, Protocol::Ssh, Op::RunScript)
+                .step("no script runner")
+                .bare());
         };
         if script.contains('\0') {
-            return Err(TransferError::new(
-                ErrorKind::Local,
-                "a script with a NUL byte cannot be run",
-            ));
+            return Err(self
+                .err(ErrorKind::Local, Protocol::Ssh, Op::RunScript)
+                .step("a script with a NUL byte cannot be run")
+                .bare());
         }
         let job = frame_job(limit.as_secs(), script);
         if let Err(e) = ch.write_all(&job).and_then(|_| ch.flush()) {
-            return Err(self.fail(io_kind(&e), "sending script", &e));
+            return Err(self.fail(io_kind(&e), SCRIPT, "sending script", e));
         }
         let mut scan = Scan::new(marker);
         let mut buf = vec![0u8; 32 * 1024];
@@ -1033,12 +1124,15 @@ impl SshSession {
                 Some(Ok(0)) | None => {
                     return Err(self.fail(
                         ErrorKind::Connect,
+                        SCRIPT,
                         "script runner",
-                        &"ended unexpectedly",
+                        "ended unexpectedly",
                     ))
                 }
                 Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(self.fail(io_kind(&e), "reading script output", &e)),
+                Some(Err(e)) => {
+                    return Err(self.fail(io_kind(&e), SCRIPT, "reading script output", e))
+                }
             };
             scan.feed(&buf[..n]);
             let rc = self
@@ -1065,22 +1159,50 @@ impl SshSession {
             "command -v scp >/dev/null 2>&1 || exit 127; test -d {q} || exit 3; test -w {q} || exit 4; exit 0"
         );
         let out = self.exec(&cmd, self.target.io_timeout).ok()?;
-        let addr = self.target.addr();
+        let e = |kind, op| self.err(kind, Protocol::Scp, op);
         match out.status {
-            127 => Some(TransferError::new(
-                ErrorKind::Unavailable,
-                format!("ssh {addr}: scp is not installed on the host"),
-            )),
-            3 => Some(TransferError::new(
-                ErrorKind::Remote,
-                format!("ssh {addr}: remote directory {dir} does not exist"),
-            )),
-            4 => Some(TransferError::new(
-                ErrorKind::Remote,
-                format!("ssh {addr}: permission denied writing to {dir}"),
-            )),
+            127 => {
+                Some(e(ErrorKind::Unavailable, Op::Upload).step("scp is not installed on the host"))
+            }
+            3 => Some(
+                e(ErrorKind::Remote, Op::Mkdir)
+                    .step(format!("remote directory {dir} does not exist"))
+                    .path(dir),
+            ),
+            4 => Some(
+                e(ErrorKind::Remote, Op::Upload)
+                    .step(format!("permission denied writing to {dir}"))
+                    .path(dir),
+            ),
             _ => None,
         }
+    }
+}
+
+/// SCP to `dir/tmp_name`; verifying and publishing it is the executor's
+/// (over SFTP or a script, see `job::publish`).
+impl Uploader for SshSession {
+    fn transport(&self) -> Transport {
+        Transport::Scp
+    }
+
+    fn is_alive(&self) -> bool {
+        SshSession::is_alive(self)
+    }
+
+    fn upload(
+        &mut self,
+        job: Upload<'_>,
+        progress: Progress<'_>,
+    ) -> Result<Uploaded, TransferError> {
+        let (bytes, sha256) =
+            self.scp_upload(job.src, job.dir, job.tmp_name, job.want_sha, progress)?;
+        Ok(Uploaded {
+            bytes,
+            sha256,
+            published: false,
+            cleartext: false,
+        })
     }
 }
 

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::servers::{self, one, results, FtpServer, SshOptions, SshServer, Workspace};
+use crate::servers::{self, one, results, FtpOptions, FtpServer, SshOptions, SshServer, Workspace};
 
 /// Generous slack for a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(6);
@@ -56,7 +56,7 @@ fn sshd_down_and_ftp_up_delivers_by_ftp_and_records_why() {
     let u = servers::test_user();
     let data = random_bytes(3_000_000);
     let cfg = ws.write_config(&format!(
-        "{}[pkg-]\nhost = {addr}\nport = {closed}\nftp_port = {}\nlogin = {}\npassword = {}\ndest_dir = {}/a/b/c\nconnect_timeout = 2s\nretries = 0\n\n[inst-]\nhost = {addr}\nport = {closed}\nftp_port = {}\nlogin = {}\npassword = {}\ndest_dir = {}/i\nconnect_timeout = 2s\nretries = 0\ninstall_command = touch {{name}}.done\n",
+        "{}[pkg-]\nhost = {addr}\nport = {closed}\nftp_port = {}\nftp_cleartext = yes\nlogin = {}\npassword = {}\ndest_dir = {}/a/b/c\nconnect_timeout = 2s\nretries = 0\n\n[inst-]\nhost = {addr}\nport = {closed}\nftp_port = {}\nftp_cleartext = yes\nlogin = {}\npassword = {}\ndest_dir = {}/i\nconnect_timeout = 2s\nretries = 0\ninstall_command = touch {{name}}.done\n",
         state(&ws),
         ftp.port,
         u.name,
@@ -125,6 +125,15 @@ fn sshd_down_and_ftp_up_delivers_by_ftp_and_records_why() {
         row["fallback_reason"].as_str().unwrap().contains("refused"),
         "{row}"
     );
+    // plain FTP (allowed by ftp_cleartext = yes) is marked in the result and the journal
+    assert_eq!(p["cleartext"], true, "{p}");
+    assert!(
+        row["fallback_reason"]
+            .as_str()
+            .unwrap()
+            .contains("sent in cleartext"),
+        "{row}"
+    );
 }
 
 #[test]
@@ -144,7 +153,7 @@ fn ssh_login_rejected_falls_back_to_ftp_and_both_rejecting_is_one_clear_error() 
     let u = servers::test_user();
     let route = |section: &str, password: &str| {
         format!(
-            "[{section}]\nhost = {addr}\nport = {}\nftp_port = {}\nlogin = {}\npassword = {password}\nidentity_file = {}\nknown_hosts = {}\ndest_dir = {}/{section}\nretries = 2\nretry_delay = 1s\n",
+            "[{section}]\nhost = {addr}\nport = {}\nftp_port = {}\nftp_cleartext = yes\nlogin = {}\npassword = {password}\nidentity_file = {}\nknown_hosts = {}\ndest_dir = {}/{section}\nretries = 2\nretry_delay = 1s\n",
             sshd.port,
             ftp.port,
             u.name,
@@ -342,4 +351,79 @@ fn a_server_that_accepts_and_never_speaks_fails_at_the_handshake_deadline() {
     let took = started.elapsed();
     assert!(took < Duration::from_secs(3) + SLACK, "{took:?}");
     assert!(r.stdout.contains("handshake"), "{}", r.stdout);
+}
+
+#[test]
+fn the_ftp_fallback_uses_tls_by_default_and_refuses_a_server_without_it() {
+    let ws = Workspace::new();
+    let (a, b) = (servers::fresh_addr(), servers::fresh_addr());
+    let tls = FtpServer::start_with(
+        &a,
+        FtpOptions {
+            tls: true,
+            ..Default::default()
+        },
+    );
+    let plain = FtpServer::start(&b);
+    let remote = ws.remote_dir("remote");
+    let u = servers::test_user();
+    // no sshd on either host; no ftps key: the default
+    let route = |section: &str, ftp: &FtpServer, extra: &str| {
+        format!(
+            "[{section}]\nhost = {}\nport = {}\nftp_port = {}\nlogin = {}\npassword = {}\ndest_dir = {}/{section}\nconnect_timeout = 2s\nretries = 0\n{extra}",
+            ftp.addr,
+            servers::free_port(&ftp.addr),
+            ftp.port,
+            u.name,
+            u.password,
+            remote.display(),
+        )
+    };
+    let ca = format!("ftp_ca_file = {}\n", tls.ca_cert.display());
+    let cfg = ws.write_config(&format!(
+        "{}{}{}",
+        state(&ws),
+        route("tls-", &tls, &ca),
+        route("plain-", &plain, "")
+    ));
+    let f = ws.file("tls-1.bin", &random_bytes(500_000));
+    let g = ws.file("plain-1.bin", b"must not travel in the clear");
+    let r = ws
+        .dispatch()
+        .args(["-c", cfg.to_str().unwrap(), "--json"])
+        .arg(&f)
+        .arg(&g)
+        .run()
+        .assert_code(1);
+    let res = results(&r.stdout);
+    let t = one(&res, "tls-1.bin");
+    assert_eq!(
+        (t["ok"].clone(), t["transport"].clone()),
+        (true.into(), "ftp".into()),
+        "{t}\n{}",
+        tls.log()
+    );
+    assert_eq!(
+        fs::read(remote.join("tls-/tls-1.bin")).unwrap(),
+        random_bytes(500_000)
+    );
+    let log = tls.log();
+    assert!(
+        log.contains("\"AUTH TLS\"") && log.contains("\"PROT P\""),
+        "{log}"
+    );
+
+    let p = one(&res, "plain-1.bin");
+    assert_eq!(p["ok"], false, "{p}");
+    let e = p["error"].as_str().unwrap_or_default();
+    assert!(
+        e.contains(&format!("{}:{}", plain.addr, plain.port)) && e.contains("ftp_cleartext = yes"),
+        "{e}"
+    );
+    assert!(!remote.join("plain-/plain-1.bin").exists());
+    assert!(
+        !plain.log().contains("\"USER "),
+        "no login without TLS: {}",
+        plain.log()
+    );
 }

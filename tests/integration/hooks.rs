@@ -7,6 +7,11 @@
 //! the target (or the journal) until the result shows; where counting
 //! deliveries matters, `DISPATCH_ARGS=--now` in the hook's `dispatch.env`
 //! makes the hook dispatch in the foreground.
+//!
+//! Every scenario that delivers runs twice ([`crate::scenario!`]): with an
+//! absolute `dest_dir` on a host sharing the test user, and with the default
+//! `dest_dir` on a host with a user of its own, at least 3 packages per
+//! commit or push.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::servers::{self, SshServer, Workspace};
+use crate::scenario;
+use crate::servers::{self, Placement, SshServer, Workspace};
 
 const POLL: Duration = Duration::from_secs(60);
 
@@ -53,55 +59,85 @@ fn run_ok(cmd: &mut Command) -> Output {
 
 /// A workspace with one target host and a route for `app-…` packages.
 struct Setup {
+    p: Placement,
     ws: Workspace,
     host: SshServer,
     remote: PathBuf,
 }
 
 impl Setup {
-    fn new() -> Setup {
+    fn new(p: Placement) -> Setup {
         let ws = Workspace::new();
-        let host = SshServer::start(&servers::fresh_addr());
+        let host = p.start(&servers::fresh_addr());
         ws.known_hosts(&[&host]);
         let remote = ws.remote_dir("remote");
-        Setup { ws, host, remote }
+        Setup {
+            p,
+            ws,
+            host,
+            remote,
+        }
     }
 
     /// The config: `[app-]` to the host; `extra_settings` go into [dispatch].
     fn config(&self, extra_settings: &str, extra_routes: &str) -> PathBuf {
-        let ws = self.ws.path();
         let text = format!(
-            "[dispatch]\nstate_dir = {ws}/state\n{extra_settings}\n\
-             [app-]\nhost = {addr}\nport = {port}\nlogin = {user}\nidentity_file = {key}\n\
-             known_hosts = {ws}/.ssh/known_hosts\ndest_dir = {remote}/{{host}}\n\
-             connect_timeout = 5s\nretries = 0\ntransfer = scp\n\
-             install_command = sha256sum {{name}} > {{name}}.installed && sha256sum {{name}} >> {remote}/installs.log\n\
-             {extra_routes}\n",
-            ws = ws.display(),
-            addr = self.host.addr,
-            port = self.host.port,
-            user = servers::test_user().name,
-            key = servers::keys().ed25519.display(),
-            remote = self.remote.display(),
+            "[dispatch]\nstate_dir = {ws}/state\n{extra_settings}\n{app}{extra_routes}\n",
+            ws = self.ws.path().display(),
+            app = self.route("app-"),
         );
         self.ws.write_config(&text)
     }
 
-    fn delivered(&self, name: &str) -> PathBuf {
-        self.remote.join(&self.host.addr).join(name)
+    /// A route `[section]` to the host; every install appends to the
+    /// host's [`installs_log`](Self::installs_log).
+    fn route(&self, section: &str) -> String {
+        format!(
+            "[{section}]\nhost = {addr}\nport = {port}\nlogin = {user}\nidentity_file = {key}\n\
+             known_hosts = {ws}/.ssh/known_hosts\n{dest_dir}\
+             connect_timeout = 5s\nretries = 0\ntransfer = scp\n\
+             install_command = sha256sum {{name}} > {{name}}.installed && sha256sum {{name}} >> {log}\n",
+            ws = self.ws.path().display(),
+            addr = self.host.addr,
+            port = self.host.port,
+            user = self.host.user().name,
+            key = servers::keys().ed25519.display(),
+            dest_dir = self
+                .p
+                .dest_dir_line(format!("{}/{{host}}", self.remote.display())),
+            log = self.installs_log().display(),
+        )
+    }
+
+    /// `<remote>/installs.log`, or `<host user's home>/installs.log` (where
+    /// that user may write) under the default dest_dir.
+    fn installs_log(&self) -> PathBuf {
+        match self.p {
+            Placement::Explicit => self.remote.join("installs.log"),
+            Placement::Defaults => self.host.user().home.join("installs.log"),
+        }
+    }
+
+    /// Every delivered copy of `name` on the host (one per dated dir under
+    /// the default dest_dir).
+    fn copies(&self, name: &str) -> Vec<PathBuf> {
+        let root = self.p.root(&self.host, self.remote.join(&self.host.addr));
+        servers::delivered_copies(&root, name)
     }
 
     /// Wait until `name` was installed on the host with exactly `content`.
     #[track_caller]
     fn wait_installed(&self, name: &str, content: &[u8]) {
-        let marker = self.delivered(&format!("{name}.installed"));
         let want = sha256_hex(content);
-        servers::poll_until(POLL, &format!("{name} installed on the target"), || {
-            let text = fs::read_to_string(&marker).ok()?;
-            text.starts_with(&want).then_some(())
-        });
+        let marker = format!("{name}.installed");
+        let installed =
+            servers::poll_until(POLL, &format!("{name} installed on the target"), || {
+                self.copies(&marker)
+                    .into_iter()
+                    .find(|m| fs::read_to_string(m).is_ok_and(|text| text.starts_with(&want)))
+            });
         assert_eq!(
-            fs::read(self.delivered(name)).expect("read delivered file"),
+            fs::read(installed.with_file_name(name)).expect("read delivered file"),
             content,
             "{name}: delivered bytes"
         );
@@ -110,7 +146,7 @@ impl Setup {
     /// How many times each package was installed, by `sha256sum` lines.
     fn installs(&self) -> BTreeMap<String, Vec<String>> {
         let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let text = fs::read_to_string(self.remote.join("installs.log")).unwrap_or_default();
+        let text = fs::read_to_string(self.installs_log()).unwrap_or_default();
         for line in text.lines() {
             if let Some((sum, name)) = line.split_once("  ") {
                 m.entry(name.to_string()).or_default().push(sum.to_string());
@@ -320,175 +356,232 @@ fn meta(dir: &Path) -> serde_json::Value {
 
 // ------------------------------------------------------------------- tests
 
-#[test]
-fn svn_commit_installs_its_packages_with_the_committed_bytes_and_skips_unrouted_files() {
-    let s = Setup::new();
-    let config = s.config("", "");
-    let svn = Svn::new(&s.ws, &config, "");
-    svn.write("drop/app-1.0.tgz", b"app one\n");
-    svn.write("drop/app-2.0.tgz", b"app two\n");
-    svn.write("drop/README.txt", b"not a package\n");
-    svn.commit("two packages and a readme");
+scenario! {
+    fn svn_commit_installs_its_packages_with_the_committed_bytes_and_skips_unrouted_files(p: Placement) {
+        let s = Setup::new(p);
+        let config = s.config("", "");
+        let svn = Svn::new(&s.ws, &config, "");
+        svn.write("drop/app-1.0.tgz", b"app one\n");
+        svn.write("drop/app-2.0.tgz", b"app two\n");
+        svn.write("drop/app-3.0.tgz", b"app three\n");
+        svn.write("drop/README.txt", b"not a package\n");
+        svn.commit("three packages and a readme");
 
-    s.wait_installed("app-1.0.tgz", b"app one\n");
-    s.wait_installed("app-2.0.tgz", b"app two\n");
-    assert!(
-        !s.delivered("README.txt").exists(),
-        "an unrouted file was sent"
-    );
+        s.wait_installed("app-1.0.tgz", b"app one\n");
+        s.wait_installed("app-2.0.tgz", b"app two\n");
+        s.wait_installed("app-3.0.tgz", b"app three\n");
+        assert!(
+            s.copies("README.txt").is_empty(),
+            "an unrouted file was sent"
+        );
 
-    let rows = s.history(false);
-    let hook_rows: Vec<_> = rows
-        .iter()
-        .filter(|r| r["source"] == "hook:svn" && r["rev"] == "1")
-        .collect();
-    assert_eq!(hook_rows.len(), 2, "journal rows: {rows:#?}");
+        let rows = s.history(false);
+        let hook_rows: Vec<_> = rows
+            .iter()
+            .filter(|r| r["source"] == "hook:svn" && r["rev"] == "1")
+            .collect();
+        assert_eq!(hook_rows.len(), 3, "journal rows: {rows:#?}");
 
-    // the working copy changes, uncommitted; the revision is what is sent
-    svn.write("drop/app-1.0.tgz", b"edited but not committed\n");
-    fs::remove_file(s.delivered("app-1.0.tgz.installed")).expect("rm marker");
-    s.ws.dispatch()
-        .args(["hook", "svn", "--now"])
-        .arg(&svn.repos)
-        .arg("1")
-        .run()
-        .assert_success();
-    s.wait_installed("app-1.0.tgz", b"app one\n");
+        // the working copy changes, uncommitted; the revision is what is sent
+        svn.write("drop/app-1.0.tgz", b"edited but not committed\n");
+        for marker in s.copies("app-1.0.tgz.installed") {
+            fs::remove_file(marker).expect("rm marker");
+        }
+        s.ws.dispatch()
+            .args(["hook", "svn", "--now"])
+            .arg(&svn.repos)
+            .arg("1")
+            .run()
+            .assert_success();
+        s.wait_installed("app-1.0.tgz", b"app one\n");
+    }
 }
 
-#[test]
-fn git_push_of_a_new_branch_sends_each_added_or_modified_package_once_with_its_final_content() {
-    let s = Setup::new();
-    let config = s.config("", "");
-    // --now: the push returns once dispatching is done, so counts are final
-    let git = Git::new(&s.ws, &config, "DISPATCH_ARGS=--now");
-    git.write("drop/app-old.tgz", b"old package\n");
-    git.write("notes.txt", b"unrouted\n");
-    git.commit("first");
-    git.push(&["-q", "origin", "main"]);
-    s.wait_installed("app-old.tgz", b"old package\n");
+scenario! {
+    fn git_push_of_a_new_branch_sends_each_added_or_modified_package_once_with_its_final_content(p: Placement) {
+        let s = Setup::new(p);
+        let config = s.config("", "");
+        // --now: the push returns once dispatching is done, so counts are final
+        let git = Git::new(&s.ws, &config, "DISPATCH_ARGS=--now");
+        // three packages a push: `old` (deleted on the branch), two kept
+        let kept = ["app-kept-1.tgz", "app-kept-2.tgz"];
+        git.write("drop/app-old.tgz", b"old package\n");
+        for k in kept {
+            git.write(&format!("drop/{k}"), format!("{k}\n").as_bytes());
+        }
+        git.write("notes.txt", b"unrouted\n");
+        git.commit("first");
+        git.push(&["-q", "origin", "main"]);
+        s.wait_installed("app-old.tgz", b"old package\n");
+        for k in kept {
+            s.wait_installed(k, format!("{k}\n").as_bytes());
+        }
 
-    run_ok(git.git(&git.wc).args(["checkout", "-q", "-b", "feature"]));
-    git.write("drop/app-new.tgz", b"new package, first cut\n");
-    git.commit("add app-new");
-    git.write("drop/app-new.tgz", b"new package, final\n");
-    fs::remove_file(git.wc.join("drop/app-old.tgz")).expect("rm app-old");
-    let tip = git.commit("update app-new, delete app-old");
-    git.push(&["-q", "origin", "feature"]);
+        let new = ["app-new.tgz", "app-new-2.tgz", "app-new-3.tgz"];
+        let content = |n: &str, state: &str| format!("{n}: new package, {state}\n");
+        run_ok(git.git(&git.wc).args(["checkout", "-q", "-b", "feature"]));
+        for n in new {
+            git.write(&format!("drop/{n}"), content(n, "first cut").as_bytes());
+        }
+        git.commit("add app-new");
+        for n in new {
+            git.write(&format!("drop/{n}"), content(n, "final").as_bytes());
+        }
+        fs::remove_file(git.wc.join("drop/app-old.tgz")).expect("rm app-old");
+        let tip = git.commit("update app-new, delete app-old");
+        git.push(&["-q", "origin", "feature"]);
 
-    s.wait_installed("app-new.tgz", b"new package, final\n");
-    let installs = s.installs();
-    assert_eq!(
-        installs.get("app-new.tgz"),
-        Some(&vec![sha256_hex(b"new package, final\n")]),
-        "app-new.tgz: installed once, final content: {installs:#?}"
-    );
-    assert_eq!(
-        installs.get("app-old.tgz").map(Vec::len),
-        Some(1),
-        "app-old.tgz: only its first push: {installs:#?}"
-    );
-    assert_eq!(installs.len(), 2, "{installs:#?}");
-    let rows = s.history(false);
-    assert!(
-        rows.iter().any(|r| r["file"] == "app-new.tgz"
-            && r["source"] == "hook:git"
-            && r["rev"] == tip.as_str()),
-        "journal names the pushed revision: {rows:#?}"
-    );
+        for n in new {
+            s.wait_installed(n, content(n, "final").as_bytes());
+        }
+        let installs = s.installs();
+        for n in new {
+            assert_eq!(
+                installs.get(n),
+                Some(&vec![sha256_hex(content(n, "final").as_bytes())]),
+                "{n}: installed once, final content: {installs:#?}"
+            );
+        }
+        for n in kept.iter().chain(&["app-old.tgz"]) {
+            assert_eq!(
+                installs.get(*n).map(Vec::len),
+                Some(1),
+                "{n}: only its first push: {installs:#?}"
+            );
+        }
+        assert_eq!(installs.len(), 6, "{installs:#?}");
+        let rows = s.history(false);
+        assert!(
+            rows.iter().any(|r| r["file"] == "app-new.tgz"
+                && r["source"] == "hook:git"
+                && r["rev"] == tip.as_str()),
+            "journal names the pushed revision: {rows:#?}"
+        );
 
-    // an update of the branch, and deleting a branch, send only what changed
-    git.write("drop/app-new.tgz", b"new package, fixed\n");
-    git.commit("fix app-new");
-    git.push(&["-q", "origin", "feature"]);
-    git.push(&["-q", "origin", ":feature"]);
-    s.wait_installed("app-new.tgz", b"new package, fixed\n");
-    let installs = s.installs();
-    assert_eq!(installs["app-new.tgz"].len(), 2, "{installs:#?}");
-    assert_eq!(installs["app-old.tgz"].len(), 1, "{installs:#?}");
+        // an update of the branch, and deleting a branch, send only what changed
+        for n in new {
+            git.write(&format!("drop/{n}"), content(n, "fixed").as_bytes());
+        }
+        git.commit("fix app-new");
+        git.push(&["-q", "origin", "feature"]);
+        git.push(&["-q", "origin", ":feature"]);
+        for n in new {
+            s.wait_installed(n, content(n, "fixed").as_bytes());
+        }
+        let installs = s.installs();
+        for n in new {
+            assert_eq!(installs[n].len(), 2, "{installs:#?}");
+        }
+        assert_eq!(installs["app-old.tgz"].len(), 1, "{installs:#?}");
+        for k in kept {
+            assert_eq!(installs[k].len(), 1, "{installs:#?}");
+        }
+    }
 }
 
-#[test]
-fn paths_with_spaces_and_non_ascii_reach_the_target_from_svn_and_git() {
-    let s = Setup::new();
-    let config = s.config("", "");
-    let svn = Svn::new(&s.ws, &config, "DISPATCH_ARGS=--now");
-    svn.write("my drop/app- build 7.tgz", b"svn spaced\n");
-    svn.write("dépôt/app-größe-ü.tgz", b"svn non-ascii\n");
-    svn.commit("odd names");
-    s.wait_installed("app- build 7.tgz", b"svn spaced\n");
-    s.wait_installed("app-größe-ü.tgz", b"svn non-ascii\n");
+scenario! {
+    fn paths_with_spaces_and_non_ascii_reach_the_target_from_svn_and_git(p: Placement) {
+        let s = Setup::new(p);
+        let config = s.config("", "");
+        let svn = Svn::new(&s.ws, &config, "DISPATCH_ARGS=--now");
+        svn.write("my drop/app- build 7.tgz", b"svn spaced\n");
+        svn.write("dépôt/app-größe-ü.tgz", b"svn non-ascii\n");
+        svn.write("drop/app-'single' $HOME.tgz", b"svn quotes and dollar\n");
+        svn.commit("odd names");
+        s.wait_installed("app- build 7.tgz", b"svn spaced\n");
+        s.wait_installed("app-größe-ü.tgz", b"svn non-ascii\n");
+        s.wait_installed("app-'single' $HOME.tgz", b"svn quotes and dollar\n");
 
-    let git = Git::new(&s.ws, &config, "DISPATCH_ARGS=--now");
-    git.write("two words/app-git release.tgz", b"git spaced\n");
-    git.write("ördner/app-ñandú \"q\".tgz", b"git non-ascii and quotes\n");
-    git.commit("odd names");
-    git.push(&["-q", "origin", "main"]);
-    s.wait_installed("app-git release.tgz", b"git spaced\n");
-    s.wait_installed("app-ñandú \"q\".tgz", b"git non-ascii and quotes\n");
+        let git = Git::new(&s.ws, &config, "DISPATCH_ARGS=--now");
+        git.write("two words/app-git release.tgz", b"git spaced\n");
+        git.write("ördner/app-ñandú \"q\".tgz", b"git non-ascii and quotes\n");
+        git.write("tab\tdir/app-tab\there.tgz", b"git tab\n");
+        git.commit("odd names");
+        git.push(&["-q", "origin", "main"]);
+        s.wait_installed("app-git release.tgz", b"git spaced\n");
+        s.wait_installed("app-ñandú \"q\".tgz", b"git non-ascii and quotes\n");
+        s.wait_installed("app-tab\there.tgz", b"git tab\n");
+    }
 }
 
-#[test]
-fn a_down_target_holds_up_neither_commit_nor_push_and_its_failure_is_in_history() {
-    let s = Setup::new();
-    // `app-` goes to a closed port; `hang-` to a host that never answers
-    let closed = servers::free_port(&s.host.addr);
-    let (_silent, silent_port) = servers::silent_server(&s.host.addr);
-    let hang_route = format!(
-        "[hang-]\nhost = {addr}\nport = {silent_port}\nlogin = {user}\nidentity_file = {key}\n\
-         known_hosts = {ws}/.ssh/known_hosts\ndest_dir = /tmp\ntransfer = scp\nretries = 0\n\
-         connect_timeout = 6s\nio_timeout = 6s\n",
-        addr = s.host.addr,
-        user = servers::test_user().name,
-        key = servers::keys().ed25519.display(),
-        ws = s.ws.path().display(),
-    );
-    let config = s.config("", &hang_route);
-    let text = fs::read_to_string(&config).expect("read config").replace(
-        &format!("port = {}\n", s.host.port),
-        &format!("port = {closed}\n"),
-    );
-    fs::write(&config, text).expect("write config");
+scenario! {
+    fn a_down_target_holds_up_neither_commit_nor_push_and_its_failure_is_in_history(p: Placement) {
+        let s = Setup::new(p);
+        // `app-` goes to a closed port; `hang-` to a host that never answers
+        let closed = servers::free_port(&s.host.addr);
+        let (_silent, silent_port) = servers::silent_server(&s.host.addr);
+        let hang_route = format!(
+            "[hang-]\nhost = {addr}\nport = {silent_port}\nlogin = {user}\nidentity_file = {key}\n\
+             known_hosts = {ws}/.ssh/known_hosts\n{dest_dir}transfer = scp\nretries = 0\n\
+             connect_timeout = 6s\nio_timeout = 6s\n",
+            addr = s.host.addr,
+            user = s.host.user().name,
+            key = servers::keys().ed25519.display(),
+            ws = s.ws.path().display(),
+            dest_dir = p.dest_dir_line("/tmp"),
+        );
+        // `ok-` goes to the host that works: the others still get through
+        let config = s.config("", &format!("{hang_route}{}", s.route("ok-")));
+        // the first `port =` is `[app-]`'s
+        let text = fs::read_to_string(&config).expect("read config").replacen(
+            &format!("port = {}\n", s.host.port),
+            &format!("port = {closed}\n"),
+            1,
+        );
+        fs::write(&config, text).expect("write config");
 
-    let svn = Svn::new(&s.ws, &config, "");
-    svn.write("drop/app-down.tgz", b"nobody home\n");
-    svn.write("drop/hang-slow.tgz", b"never answered\n");
-    let took = svn.commit("to a down host");
-    assert!(took < Duration::from_secs(4), "svn commit took {took:?}");
+        let svn = Svn::new(&s.ws, &config, "");
+        svn.write("drop/app-down.tgz", b"nobody home\n");
+        svn.write("drop/hang-slow.tgz", b"never answered\n");
+        for k in 1..=3 {
+            svn.write(&format!("drop/ok-svn-{k}.tgz"), format!("svn ok {k}\n").as_bytes());
+        }
+        let took = svn.commit("to a down host");
+        assert!(took < Duration::from_secs(4), "svn commit took {took:?}");
 
-    let git = Git::new(&s.ws, &config, "");
-    git.write("drop/app-git-down.tgz", b"nobody home either\n");
-    git.commit("to a down host");
-    let (took, _) = git.push(&["-q", "origin", "main"]);
-    assert!(took < Duration::from_secs(4), "git push took {took:?}");
+        let git = Git::new(&s.ws, &config, "");
+        git.write("drop/app-git-down.tgz", b"nobody home either\n");
+        for k in 1..=3 {
+            git.write(&format!("drop/ok-git-{k}.tgz"), format!("git ok {k}\n").as_bytes());
+        }
+        git.commit("to a down host");
+        let (took, _) = git.push(&["-q", "origin", "main"]);
+        assert!(took < Duration::from_secs(4), "git push took {took:?}");
+        for (vcs, k) in ["svn", "git"].iter().flat_map(|v| (1..=3).map(move |k| (v, k))) {
+            s.wait_installed(
+                &format!("ok-{vcs}-{k}.tgz"),
+                format!("{vcs} ok {k}\n").as_bytes(),
+            );
+        }
 
-    let rev = svn.youngest();
-    servers::poll_until(
-        POLL,
-        "the three failures in `dispatch history --failed`",
-        || {
-            let rows = s.history(true);
-            let has = |file: &str, source: &str| {
-                rows.iter()
-                    .any(|r| r["file"] == file && r["source"] == source && r["state"] == "failed")
-            };
-            (has("app-down.tgz", "hook:svn")
-                && has("hang-slow.tgz", "hook:svn")
-                && has("app-git-down.tgz", "hook:git"))
-            .then_some(())
-        },
-    );
-    let rows = s.history(true);
-    assert!(
-        rows.iter()
-            .any(|r| r["file"] == "app-down.tgz" && r["rev"] == rev.as_str()),
-        "{rows:#?}"
-    );
+        let rev = svn.youngest();
+        servers::poll_until(
+            POLL,
+            "the three failures in `dispatch history --failed`",
+            || {
+                let rows = s.history(true);
+                let has = |file: &str, source: &str| {
+                    rows.iter()
+                        .any(|r| r["file"] == file && r["source"] == source && r["state"] == "failed")
+                };
+                (has("app-down.tgz", "hook:svn")
+                    && has("hang-slow.tgz", "hook:svn")
+                    && has("app-git-down.tgz", "hook:git"))
+                .then_some(())
+            },
+        );
+        let rows = s.history(true);
+        assert!(
+            rows.iter()
+                .any(|r| r["file"] == "app-down.tgz" && r["rev"] == rev.as_str()),
+            "{rows:#?}"
+        );
+    }
 }
 
 #[test]
 fn with_a_spool_dir_each_hook_run_leaves_its_packages_and_metadata_in_a_directory_of_its_own() {
-    let s = Setup::new();
+    let s = Setup::new(Placement::Explicit);
     let spool = s.ws.path().join("spool");
     let config = s.config(&format!("spool_dir = {}", spool.display()), "");
     let svn = Svn::new(&s.ws, &config, "");
@@ -525,7 +618,7 @@ fn with_a_spool_dir_each_hook_run_leaves_its_packages_and_metadata_in_a_director
         );
     }
     // nothing was sent: the daemon's job
-    assert!(!s.delivered("app-1.0.tgz").exists());
+    assert!(s.copies("app-1.0.tgz").is_empty());
 
     // git: a push leaves the same kind of directory; two files with one base name
     // in one push do not overwrite each other
@@ -554,7 +647,7 @@ fn with_a_spool_dir_each_hook_run_leaves_its_packages_and_metadata_in_a_director
 
 #[test]
 fn git_post_commit_spools_the_committed_content_not_the_working_tree_and_can_be_skipped() {
-    let s = Setup::new();
+    let s = Setup::new(Placement::Explicit);
     let spool = s.ws.path().join("spool");
     let config = s.config(&format!("spool_dir = {}", spool.display()), "");
     let git = Git::new(&s.ws, &config, "");
@@ -587,7 +680,7 @@ fn git_post_commit_spools_the_committed_content_not_the_working_tree_and_can_be_
 
 #[test]
 fn hook_refuses_a_bad_revision_but_the_wrapper_still_lets_the_commit_through() {
-    let s = Setup::new();
+    let s = Setup::new(Placement::Explicit);
     let config = s.config("", "");
     let svn = Svn::new(&s.ws, &config, "");
     let r =
@@ -619,46 +712,58 @@ fn hook_refuses_a_bad_revision_but_the_wrapper_still_lets_the_commit_through() {
     assert!(log.contains("/nonexistent/dispatch: not found"), "{log}");
 }
 
-#[test]
-fn a_running_daemon_installs_what_the_svn_and_git_hooks_spool_and_journals_their_revisions() {
-    let s = Setup::new();
-    let spool = s.ws.path().join("spool");
-    let config = s.config(
-        &format!("spool_dir = {}\nsettle = 200ms", spool.display()),
-        "",
-    );
-    let mut daemon = s.ws.dispatch().args(["watch", "-v"]).spawn();
+scenario! {
+    fn a_running_daemon_installs_what_the_svn_and_git_hooks_spool_and_journals_their_revisions(p: Placement) {
+        let s = Setup::new(p);
+        let spool = s.ws.path().join("spool");
+        let config = s.config(
+            &format!("spool_dir = {}\nsettle = 200ms", spool.display()),
+            "",
+        );
+        let mut daemon = s.ws.dispatch().args(["watch", "-v"]).spawn();
 
-    let svn = Svn::new(&s.ws, &config, "");
-    svn.write("drop/app-daemon-svn.tgz", b"via the spool, from svn\n");
-    svn.commit("for the daemon");
-    let git = Git::new(&s.ws, &config, "");
-    git.write("drop/app-daemon-git.tgz", b"via the spool, from git\n");
-    let tip = git.commit("for the daemon");
-    git.push(&["-q", "origin", "main"]);
+        let svn = Svn::new(&s.ws, &config, "");
+        let content = |vcs: &str, k: u32| format!("via the spool, from {vcs}, {k}\n");
+        for k in 1..=3 {
+            svn.write(&format!("drop/app-daemon-svn-{k}.tgz"), content("svn", k).as_bytes());
+        }
+        svn.commit("for the daemon");
+        let git = Git::new(&s.ws, &config, "");
+        for k in 1..=3 {
+            git.write(&format!("drop/app-daemon-git-{k}.tgz"), content("git", k).as_bytes());
+        }
+        let tip = git.commit("for the daemon");
+        git.push(&["-q", "origin", "main"]);
 
-    s.wait_installed("app-daemon-svn.tgz", b"via the spool, from svn\n");
-    s.wait_installed("app-daemon-git.tgz", b"via the spool, from git\n");
-    servers::poll_until(POLL, "the journal names both revisions", || {
-        let rows = s.history(false);
-        let has = |file: &str, source: &str, rev: &str| {
-            rows.iter().any(|r| {
-                r["file"] == file
-                    && r["source"] == source
-                    && r["rev"] == rev
-                    && r["state"] == "installed"
-            })
-        };
-        (has("app-daemon-svn.tgz", "hook:svn", "1")
-            && has("app-daemon-git.tgz", "hook:git", tip.as_str()))
-        .then_some(())
-    });
-    // the daemon removes each run's directory once its packages are done
-    servers::poll_until(POLL, "the spool emptied by the daemon", || {
-        spool_dirs(&spool).is_empty().then_some(())
-    });
-    assert!(daemon.is_running(), "daemon died:\n{}", daemon.stderr());
-    daemon.signal(libc::SIGTERM);
-    let r = daemon.wait(Duration::from_secs(30));
-    assert_eq!(r.status, Some(0), "{r}");
+        for vcs in ["svn", "git"] {
+            for k in 1..=3 {
+                s.wait_installed(&format!("app-daemon-{vcs}-{k}.tgz"), content(vcs, k).as_bytes());
+            }
+        }
+        servers::poll_until(POLL, "the journal names both revisions", || {
+            let rows = s.history(false);
+            let has = |file: &str, source: &str, rev: &str| {
+                rows.iter().any(|r| {
+                    r["file"] == file
+                        && r["source"] == source
+                        && r["rev"] == rev
+                        && r["state"] == "installed"
+                })
+            };
+            (1..=3)
+                .all(|k| {
+                    has(&format!("app-daemon-svn-{k}.tgz"), "hook:svn", "1")
+                        && has(&format!("app-daemon-git-{k}.tgz"), "hook:git", tip.as_str())
+                })
+            .then_some(())
+        });
+        // the daemon removes each run's directory once its packages are done
+        servers::poll_until(POLL, "the spool emptied by the daemon", || {
+            spool_dirs(&spool).is_empty().then_some(())
+        });
+        assert!(daemon.is_running(), "daemon died:\n{}", daemon.stderr());
+        daemon.signal(libc::SIGTERM);
+        let r = daemon.wait(Duration::from_secs(30));
+        assert_eq!(r.status, Some(0), "{r}");
+    }
 }

@@ -4,9 +4,15 @@
 
 mod servers;
 
+mod config_cli;
+mod correctness;
 mod dispatch_ssh;
 mod fallback;
 mod ftp_transport;
 mod harness_smoke;
 mod hooks;
+mod journal_watch;
+mod packaging;
+mod progress;
+mod structure;
 mod watch_daemon;

@@ -22,7 +22,12 @@
 //!   user and the nft table; leftovers of a killed run are removed by the next.
 //! - The test user's home is shared by all tests of the process: a test that
 //!   uploads to `~/…` must use names no other test uses. Prefer
-//!   [`Workspace::remote_dir`] as `dest_dir`.
+//!   [`Workspace::remote_dir`] as `dest_dir`, or a server with a user of its
+//!   own ([`SshServer::start_own_user`]): a home nobody else writes.
+//! - End-to-end scenarios run twice ([`scenario!`](crate::scenario) and
+//!   [`Placement`]): with an absolute `dest_dir` on hosts sharing the test
+//!   user, and with the default `dest_dir` (no key) on hosts with their own
+//!   users, at least 3 files per session per host.
 
 #![allow(dead_code)]
 
@@ -47,6 +52,8 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 /// Prefix of the per-process temp root, the test user and the nft table.
 const ROOT_PREFIX: &str = "dispatch-it-";
 const USER_PREFIX: &str = "dsp-test-";
+/// Prefix of the users of servers with their own login (`dsp-own-<pid>-<n>`).
+const OWN_USER_PREFIX: &str = "dsp-own-";
 const NFT_PREFIX: &str = "dispatch_it_";
 /// Ports handed out by [`alloc_ports`]: below the ephemeral range 32768–60999.
 const PORT_MIN: u16 = 20000;
@@ -151,6 +158,10 @@ extern "C" fn cleanup_at_exit() {
             let _ =
                 quiet(Command::new(sbin("userdel")).args(["-f", &format!("{USER_PREFIX}{pid}")]));
         }
+        let own: Vec<String> = own_users().lock().map(|v| v.clone()).unwrap_or_default();
+        for user in own {
+            let _ = quiet(Command::new(sbin("userdel")).args(["-f", &user]));
+        }
         if let Some(root) = HARNESS_ROOT_FOR_EXIT.get() {
             if KEEP_ROOT.get().is_some() {
                 eprintln!(
@@ -165,6 +176,12 @@ extern "C" fn cleanup_at_exit() {
 }
 
 static USER_CREATED: OnceLock<()> = OnceLock::new();
+
+/// Names of the users made by [`own_user`], removed at exit.
+fn own_users() -> &'static Mutex<Vec<String>> {
+    static USERS: OnceLock<Mutex<Vec<String>>> = OnceLock::new();
+    USERS.get_or_init(|| Mutex::new(Vec::new()))
+}
 static HARNESS_ROOT_FOR_EXIT: OnceLock<PathBuf> = OnceLock::new();
 /// Set when a guard dropped during a panic: the root is then kept at exit
 /// (the next run removes it).
@@ -196,7 +213,11 @@ fn clean_stale_runs() {
     if let Ok(passwd) = fs::read_to_string("/etc/passwd") {
         for line in passwd.lines() {
             let user = line.split(':').next().unwrap_or("");
-            if user.strip_prefix(USER_PREFIX).is_some_and(dead) {
+            let own_pid = user
+                .strip_prefix(OWN_USER_PREFIX)
+                .and_then(|rest| rest.split_once('-'))
+                .map(|(pid, _)| pid);
+            if user.strip_prefix(USER_PREFIX).is_some_and(dead) || own_pid.is_some_and(dead) {
                 let _ = quiet(Command::new(sbin("userdel")).args(["-f", user]));
             }
         }
@@ -459,38 +480,76 @@ pub struct TestUser {
 pub fn test_user() -> &'static TestUser {
     static USER: OnceLock<TestUser> = OnceLock::new();
     USER.get_or_init(|| {
-        let root = harness_root();
-        let name = format!("{USER_PREFIX}{}", std::process::id());
-        let password = format!("pw-{}-Tst", std::process::id());
-        let home = root.join("home").join(&name);
-        fs::create_dir_all(&home).expect("create test user home");
-        chmod(&root.join("home"), 0o755);
-        // useradd/usermod take /etc/passwd.lock; another process may hold it for a moment
-        poll_until(
-            Duration::from_secs(20),
-            "useradd/usermod of the test user",
+        let pid = std::process::id();
+        create_user(
+            &format!("{USER_PREFIX}{pid}"),
+            &format!("pw-{pid}-Tst"),
             || {
-                let exists =
-                    quiet(Command::new("id").arg("-u").arg(&name)).is_some_and(|s| s.success());
-                let status = if exists {
-                    quiet(Command::new(sbin("usermod")).args(["-d"]).arg(&home).args([
-                        "-s",
-                        "/bin/bash",
-                        &name,
-                    ]))
-                } else {
-                    quiet(
-                        Command::new(sbin("useradd"))
-                            .args(["-M", "-U", "-d"])
-                            .arg(&home)
-                            .args(["-s", "/bin/bash", &name]),
-                    )
-                };
-                status.is_some_and(|s| s.success()).then_some(())
+                let _ = USER_CREATED.set(());
             },
-        );
-        let _ = USER_CREATED.set(());
-        poll_until(Duration::from_secs(20), "chpasswd of the test user", || {
+        )
+    })
+}
+
+/// A new user of its own (`dsp-own-<pid>-<n>`): shell /bin/bash, a password,
+/// home `<harness root>/home/<name>` (mode 0755, owned by it), the client
+/// keys `ed25519` and `rsa` authorized, like [`test_user`]. For a server that
+/// stands for a separate machine ([`SshOptions::own_user`]). Removed at exit.
+pub fn own_user() -> TestUser {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{OWN_USER_PREFIX}{pid}-{n}");
+    let keys = keys();
+    let user = create_user(&name, &format!("pw-{pid}-{n}-Own"), || {
+        own_users()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+    });
+    write_file(
+        &keys.authorized_keys_dir.join(&user.name),
+        authorized_key_lines(&keys.ed25519, &keys.rsa).as_bytes(),
+        0o644,
+    );
+    user
+}
+
+/// Create (or take over) the system user `name` with `password`; `created`
+/// runs once it exists, to register it for removal at exit.
+fn create_user(name: &str, password: &str, created: impl FnOnce()) -> TestUser {
+    let root = harness_root();
+    let home = root.join("home").join(name);
+    fs::create_dir_all(&home).expect("create test user home");
+    chmod(&root.join("home"), 0o755);
+    // useradd/usermod take /etc/passwd.lock; another process may hold it for a moment
+    poll_until(
+        Duration::from_secs(20),
+        &format!("useradd/usermod of {name}"),
+        || {
+            let exists = quiet(Command::new("id").arg("-u").arg(name)).is_some_and(|s| s.success());
+            let status = if exists {
+                quiet(Command::new(sbin("usermod")).args(["-d"]).arg(&home).args([
+                    "-s",
+                    "/bin/bash",
+                    name,
+                ]))
+            } else {
+                quiet(
+                    Command::new(sbin("useradd"))
+                        .args(["-M", "-U", "-d"])
+                        .arg(&home)
+                        .args(["-s", "/bin/bash", name]),
+                )
+            };
+            status.is_some_and(|s| s.success()).then_some(())
+        },
+    );
+    created();
+    poll_until(
+        Duration::from_secs(20),
+        &format!("chpasswd of {name}"),
+        || {
             let mut child = Command::new(sbin("chpasswd"))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
@@ -503,25 +562,33 @@ pub fn test_user() -> &'static TestUser {
                 .expect("chpasswd stdin")
                 .write_all(format!("{name}:{password}\n").as_bytes());
             child.wait().ok().filter(|s| s.success())
-        });
-        let uid: u32 = run_ok(Command::new("id").arg("-u").arg(&name))
-            .trim()
-            .parse()
-            .expect("uid");
-        let gid: u32 = run_ok(Command::new("id").arg("-g").arg(&name))
-            .trim()
-            .parse()
-            .expect("gid");
-        std::os::unix::fs::chown(&home, Some(uid), Some(gid)).expect("chown home");
-        chmod(&home, 0o755);
-        TestUser {
-            name,
-            password,
-            home,
-            uid,
-            gid,
-        }
-    })
+        },
+    );
+    let uid: u32 = run_ok(Command::new("id").arg("-u").arg(name))
+        .trim()
+        .parse()
+        .expect("uid");
+    let gid: u32 = run_ok(Command::new("id").arg("-g").arg(name))
+        .trim()
+        .parse()
+        .expect("gid");
+    std::os::unix::fs::chown(&home, Some(uid), Some(gid)).expect("chown home");
+    chmod(&home, 0o755);
+    TestUser {
+        name: name.to_string(),
+        password: password.to_string(),
+        home,
+        uid,
+        gid,
+    }
+}
+
+/// The authorized_keys lines of the client keys `ed25519` and `rsa`.
+fn authorized_key_lines(ed25519: &Path, rsa: &Path) -> String {
+    [ed25519, rsa]
+        .iter()
+        .map(|k| fs::read_to_string(k.with_extension("pub")).expect("read public key"))
+        .collect()
 }
 
 /// Client keys (no passphrase). `ed25519` and `rsa` (PEM format) are in the
@@ -561,10 +628,7 @@ pub fn keys() -> &'static Keys {
         let unauthorized = gen("unauthorized_ed25519", &["-t", "ed25519"]);
         let host_ed25519 = gen("ssh_host_ed25519_key", &["-t", "ed25519"]);
         let authorized_keys_dir = harness_root().join("authorized_keys");
-        let mut lines = String::new();
-        for k in [&ed25519, &rsa] {
-            lines.push_str(&fs::read_to_string(k.with_extension("pub")).expect("read public key"));
-        }
+        let lines = authorized_key_lines(&ed25519, &rsa);
         write_file(
             &authorized_keys_dir.join(&user.name),
             lines.as_bytes(),
@@ -634,6 +698,11 @@ pub struct SshOptions {
     /// Listen on this port instead of a free one (e.g. to share one port
     /// across addresses, or to take over a killed server's address).
     pub port: Option<u16>,
+    /// Give the server a login user of its own ([`own_user`]: own name,
+    /// home and password, the same client keys), as if it were a separate
+    /// machine; only that user may log in (`AllowUsers`). Default false: the
+    /// shared [`test_user`] (and root).
+    pub own_user: bool,
 }
 
 impl Default for SshOptions {
@@ -643,6 +712,7 @@ impl Default for SshOptions {
             password_auth: true,
             extra_config: String::new(),
             port: None,
+            own_user: false,
         }
     }
 }
@@ -656,12 +726,32 @@ pub struct SshServer {
     pub host_key_pub: PathBuf,
     pub config: PathBuf,
     pub log_path: PathBuf,
+    /// `Some` for a server with a login user of its own.
+    own_user: Option<TestUser>,
     child: Option<Child>,
 }
 
 impl SshServer {
     pub fn start(addr: &str) -> SshServer {
         SshServer::start_with(addr, SshOptions::default())
+    }
+
+    /// A server standing for a separate machine: a login user of its own
+    /// (see [`SshOptions::own_user`]), else like [`start`](Self::start).
+    pub fn start_own_user(addr: &str) -> SshServer {
+        SshServer::start_with(
+            addr,
+            SshOptions {
+                own_user: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// The user to log in as on this server (name, password, home): its own
+    /// user, or the shared [`test_user`].
+    pub fn user(&self) -> &TestUser {
+        self.own_user.as_ref().unwrap_or_else(|| test_user())
     }
 
     pub fn start_with(addr: &str, opts: SshOptions) -> SshServer {
@@ -675,6 +765,11 @@ impl SshServer {
             .unwrap_or_else(|| keys.host_ed25519.clone());
         let host_key_pub = public_key_of(&host_key);
         let (before, matches) = split_at_match(&opts.extra_config);
+        let own_user = opts.own_user.then(own_user);
+        let allow = own_user
+            .as_ref()
+            .map(|u| format!("AllowUsers {}\n", u.name))
+            .unwrap_or_default();
         let mut last_err = String::new();
         for _attempt in 0..5 {
             let port = opts.port.unwrap_or_else(|| free_port(addr));
@@ -705,7 +800,7 @@ MaxStartups 200:30:400
 MaxSessions 100
 LogLevel VERBOSE
 SetEnv DISPATCH_TEST_HOST={addr}
-{sftp}",
+{allow}{sftp}",
                 host_key = host_key.display(),
                 pidfile = dir.join("sshd.pid").display(),
                 ak = keys.authorized_keys_dir.display(),
@@ -729,10 +824,14 @@ SetEnv DISPATCH_TEST_HOST={addr}
                 host_key_pub: host_key_pub.clone(),
                 config,
                 log_path,
+                own_user: None,
                 child: None,
             };
             match server.spawn() {
-                Ok(()) => return server,
+                Ok(()) => {
+                    server.own_user = own_user;
+                    return server;
+                }
                 Err(e) if e.contains("Address already in use") => last_err = e,
                 Err(e) => panic!("sshd on {addr}:{port} did not start:\n{e}"),
             }
@@ -866,6 +965,131 @@ fn wait_for_banner(
         }
         thread::sleep(Duration::from_millis(20)); // poll step
     }
+}
+
+// ---------------------------------------------------------------------------
+// Placements: every end-to-end scenario with an absolute and the default dest_dir
+
+/// Where a scenario's deliveries go. [`scenario!`](crate::scenario) runs a
+/// scenario once with each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The scenario's own absolute `dest_dir`, on hosts sharing [`test_user`].
+    Explicit,
+    /// No `dest_dir` key, i.e. the default `~/newcx/%Y%m%d_%H%M%S`, on hosts
+    /// with users of their own (each like a separate machine): files land in
+    /// `<host user's home>/newcx/<dated dir>/`.
+    Defaults,
+}
+
+impl Placement {
+    /// A server for this placement (own user under `Defaults`).
+    pub fn start(self, addr: &str) -> SshServer {
+        self.start_with(addr, SshOptions::default())
+    }
+
+    pub fn start_with(self, addr: &str, opts: SshOptions) -> SshServer {
+        let own_user = opts.own_user || self == Placement::Defaults;
+        SshServer::start_with(addr, SshOptions { own_user, ..opts })
+    }
+
+    /// The route line `dest_dir = TEMPLATE` (newline included), or nothing
+    /// under `Defaults`.
+    pub fn dest_dir_line(self, template: impl std::fmt::Display) -> String {
+        match self {
+            Placement::Explicit => format!("dest_dir = {template}\n"),
+            Placement::Defaults => String::new(),
+        }
+    }
+
+    /// Where `host` keeps what a route sends it: `explicit` (the directory
+    /// the explicit `dest_dir` names, without its dated part), or
+    /// `<host user's home>/newcx` under `Defaults`.
+    pub fn root(self, host: &SshServer, explicit: impl AsRef<Path>) -> PathBuf {
+        match self {
+            Placement::Explicit => explicit.as_ref().to_path_buf(),
+            Placement::Defaults => host.user().home.join("newcx"),
+        }
+    }
+}
+
+/// Every delivered copy of `name` below `root`: `root/name` and
+/// `root/<dir>/name` (one per dated dir), sorted.
+pub fn delivered_copies(root: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let direct = root.join(name);
+    if direct.is_file() {
+        out.push(direct);
+    }
+    if let Ok(rd) = fs::read_dir(root) {
+        for e in rd.flatten() {
+            let p = e.path().join(name);
+            if e.path().is_dir() && p.is_file() {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The contents of `name` in each directory right below `remote` (one per
+/// dated dir it was delivered to).
+pub fn copies(remote: &Path, name: &str) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    if let Ok(rd) = fs::read_dir(remote) {
+        for e in rd.flatten() {
+            if let Ok(b) = fs::read(e.path().join(name)) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// Install markers `name.installed` written completely (sha256sum's line
+/// ends with "\n"), in the directories right below `remote`.
+pub fn installed(remote: &Path, name: &str) -> usize {
+    copies(remote, &format!("{name}.installed"))
+        .iter()
+        .filter(|m| m.ends_with(b"\n"))
+        .count()
+}
+
+/// Wait (bounded poll) until `name` was installed `n` times below `remote`.
+pub fn wait_installed(remote: &Path, name: &str, n: usize, limit: Duration) {
+    poll_until(limit, &format!("{name} installed {n}×"), || {
+        (installed(remote, name) >= n).then_some(())
+    });
+}
+
+/// An end-to-end scenario `fn NAME(p: Placement) { … }`, defined as a module
+/// `NAME` holding two tests: `with_an_absolute_dest_dir_and_the_shared_user`
+/// ([`Placement::Explicit`]) and
+/// `with_the_default_dest_dir_on_hosts_with_their_own_users`
+/// ([`Placement::Defaults`]). The body sees the enclosing module's items.
+#[macro_export]
+macro_rules! scenario {
+    ($(#[$attr:meta])* fn $name:ident($p:ident: Placement) $body:block) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            use $crate::servers::Placement;
+
+            fn run($p: Placement) $body
+
+            #[test]
+            fn with_an_absolute_dest_dir_and_the_shared_user() {
+                run(Placement::Explicit)
+            }
+
+            #[test]
+            fn with_the_default_dest_dir_on_hosts_with_their_own_users() {
+                run(Placement::Defaults)
+            }
+        }
+    };
 }
 
 // ---------------------------------------------------------------------------
@@ -1397,6 +1621,11 @@ impl Workspace {
     pub fn dispatch(&self) -> DispatchCmd {
         DispatchCmd::new(&self.path)
     }
+
+    /// `dispatch -c CFG FILES…`, the plain sending run.
+    pub fn send<S: AsRef<OsStr>>(&self, cfg: &Path, files: &[S]) -> DispatchCmd {
+        self.dispatch().arg("-c").arg(cfg).args(files)
+    }
 }
 
 impl Drop for Workspace {
@@ -1420,6 +1649,9 @@ pub struct DispatchCmd {
     stdin: Option<Vec<u8>>,
     timeout: Duration,
     cwd: PathBuf,
+    /// Run on a pseudo-terminal (util-linux `script`): its stdout and
+    /// stderr both arrive, as the terminal got them, in `stdout`.
+    pty: bool,
 }
 
 /// How a run ended. `status` is `None` if it was killed by a signal.
@@ -1454,7 +1686,14 @@ impl DispatchCmd {
             stdin: None,
             timeout: RUN_TIMEOUT,
             cwd: home.to_path_buf(),
+            pty: false,
         }
+    }
+
+    /// Run it on a terminal (see [`DispatchCmd::pty`]).
+    pub fn on_a_terminal(mut self) -> Self {
+        self.pty = true;
+        self
     }
 
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
@@ -1516,8 +1755,23 @@ impl DispatchCmd {
     }
 
     fn command(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dispatch"));
-        cmd.args(&self.args).current_dir(&self.cwd);
+        let bin = env!("CARGO_BIN_EXE_dispatch");
+        let mut cmd = if self.pty {
+            let quote = |a: &OsStr| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''"));
+            let mut line = quote(OsStr::new(bin));
+            for a in &self.args {
+                line.push(' ');
+                line.push_str(&quote(a));
+            }
+            let mut c = Command::new("script");
+            c.args(["-q", "-e", "-c"]).arg(line).arg("/dev/null");
+            c
+        } else {
+            let mut c = Command::new(bin);
+            c.args(&self.args);
+            c
+        };
+        cmd.current_dir(&self.cwd);
         for (k, v) in &self.envs {
             match v {
                 Some(v) => cmd.env(k, v),
@@ -1785,8 +2039,34 @@ impl Drop for DispatchChild {
     }
 }
 
-/// The `--json` result lines of a dispatch run.
+/// The `--json` file × host results of a dispatch run (not the records of
+/// inputs that were never sent, nor the summary).
 pub fn results(stdout: &str) -> Vec<serde_json::Value> {
+    json_lines(stdout)
+        .into_iter()
+        .filter(|v| v.get("host").is_some_and(|h| !h.is_null()))
+        .collect()
+}
+
+/// Every record of a `--json` run, one per line: the file × host results,
+/// the records of inputs that were not sent (`host: null`) and the closing
+/// `{"summary": …}` — the events between them left out (see [`json_events`]).
+pub fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    all_json(stdout)
+        .into_iter()
+        .filter(|v| v.get("event").is_none())
+        .collect()
+}
+
+/// The `{"event": …}` objects of a `--json` run, in order.
+pub fn json_events(stdout: &str) -> Vec<serde_json::Value> {
+    all_json(stdout)
+        .into_iter()
+        .filter(|v| v.get("event").is_some())
+        .collect()
+}
+
+fn all_json(stdout: &str) -> Vec<serde_json::Value> {
     stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
@@ -1798,4 +2078,73 @@ pub fn one<'a>(res: &'a [serde_json::Value], file: &str) -> &'a serde_json::Valu
     res.iter()
         .find(|v| v["file"] == file)
         .unwrap_or_else(|| panic!("no result for {file}: {res:?}"))
+}
+
+// ---------------------------------------------------------------------------
+// Proof of the own-user servers, with the stock `ssh` client
+
+#[cfg(test)]
+mod own_user_proof {
+    use super::*;
+
+    /// `ssh -l USER` with the ed25519 client key; (success, stdout).
+    fn ssh_as(server: &SshServer, ws: &Workspace, user: &str, remote: &str) -> (bool, String) {
+        let kh = ws.known_hosts(&[server]);
+        let out = Command::new("ssh")
+            .args([
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+            ])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", kh.display()))
+            .args(["-o", "StrictHostKeyChecking=yes", "-i"])
+            .arg(&keys().ed25519)
+            .args([
+                "-p",
+                &server.port.to_string(),
+                "-l",
+                user,
+                &server.addr,
+                remote,
+            ])
+            .env_remove("SSH_AUTH_SOCK")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ssh");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn servers_with_their_own_users_log_in_to_separate_homes_and_refuse_the_shared_user() {
+        let ws = Workspace::new();
+        let a = SshServer::start_own_user(&fresh_addr());
+        let b = SshServer::start_own_user(&fresh_addr());
+        let plain = SshServer::start(&fresh_addr());
+        assert_ne!(a.user().name, b.user().name);
+        assert_ne!(a.user().home, b.user().home);
+        assert_eq!(plain.user().name, test_user().name);
+        for s in [&a, &b] {
+            let (ok, out) = ssh_as(s, &ws, &s.user().name, "id -un; echo $HOME");
+            assert!(ok, "{}", s.log());
+            assert_eq!(
+                out,
+                format!("{}\n{}\n", s.user().name, s.user().home.display())
+            );
+            let (ok, _) = ssh_as(s, &ws, &test_user().name, "true");
+            assert!(!ok, "the shared test user logged in to an own-user server");
+        }
+        let (ok, _) = ssh_as(&plain, &ws, &test_user().name, "true");
+        assert!(ok, "{}", plain.log());
+        assert!(own_users()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&a.user().name));
+    }
 }
