@@ -855,13 +855,14 @@ fn install_locks_left_by_a_dead_dispatcher_are_broken_at_once_in_either_form() {
     let owner = format!("dispatch dead-0 pid {pid} on {} since then", host.trim());
     std::os::unix::fs::symlink(&owner, lock_of("lock-1")).unwrap();
     fs::write(lock_of("lock-2"), format!("{owner}\n")).unwrap();
-    // the install sees its own lock: a symlink naming this run
+    // the install sees its own lock (and only its own: the other lanes' come
+    // and go meanwhile): a symlink naming this run
     let cfg = n.config(
         "",
         &n.route(
             "lock-",
             &format!(
-                "dest_dir = {}\ninstall_timeout = 60s\ninstall_command = readlink .dispatch-lock-* > {{name}}.lock",
+                "dest_dir = {}\ninstall_timeout = 60s\ninstall_command = printf %s {{name}} | sha256sum | cut -c1-16 | sed s/^/.dispatch-lock-/ | xargs readlink > {{name}}.lock",
                 remote.display()
             ),
         ),
