@@ -19,6 +19,8 @@ PACKAGES=(
   subversion git                # hook tests: real svnadmin/svnlook, git
   libssl-dev pkg-config         # building ssh2 (openssl-sys)
   curl sqlite3 inotify-tools time
+  chromium chromium-driver      # the status page in a real headless browser
+  python3-prometheus-client     # /metrics read by a real OpenMetrics parser (/usr/bin/python3)
   ca-certificates               # cargo fetching crates on a bare machine
 )
 

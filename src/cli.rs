@@ -38,6 +38,18 @@ Exit codes:
   0  stopped by SIGTERM/SIGINT after the uploads in flight finished
   2  usage or configuration error (no drop directory, bad config, journal unusable)";
 
+const STATUS_HELP: &str = "\
+Examples:
+  dispatch status                     queue, files in flight, parked failures, each host's last result
+  dispatch status --json              the daemon's /api/v1/status snapshot as it is
+  curl -s http://127.0.0.1:8377/metrics
+                                      the same daemon's Prometheus metrics (a page at /)
+
+Exit codes:
+  0  the daemon answered and nothing is parked
+  1  something is parked (see its reason), or no daemon answered
+  2  usage or configuration error (status_listen = off)";
+
 const ROUTE_HELP: &str = "\
 Examples:
   dispatch route web-1.2.tar.gz       which section, hosts, remote dir and install command
@@ -145,6 +157,9 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Ask the running daemon what it is doing (its status server)
+    #[command(after_help = STATUS_HELP)]
+    Status,
     /// Write the man pages: dispatch.1 to stdout, or every page into DIR
     #[command(hide = true)]
     Man {
@@ -322,6 +337,7 @@ pub fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
         "route",
         "check",
         "history",
+        "status",
         "man",
         "completions",
         "help",
@@ -390,6 +406,7 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
             Ok(code::OK)
         }
         Some(Command::Watch { dirs }) => crate::daemon::run(&g, dirs),
+        Some(Command::Status) => crate::status::client::run(&g),
         Some(Command::Hook { vcs }) => crate::hook::run(&g, vcs),
     }
 }
@@ -398,7 +415,7 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
 /// (no `/`, no `.`) and is one or two letters from a command is a mistyped
 /// command, not a missing package.
 fn mistyped_command(first: &Path) -> Option<UsageError> {
-    const COMMANDS: [&str; 5] = ["watch", "hook", "route", "check", "history"];
+    const COMMANDS: [&str; 6] = ["watch", "hook", "route", "check", "history", "status"];
     let given = first.to_str()?;
     if given.contains(['/', '.']) || first.symlink_metadata().is_ok() {
         return None;

@@ -228,6 +228,9 @@ pub struct Settings {
     pub log_config: Option<PathBuf>,
     /// Daemon: how many times a failed file × host is retried before it is parked.
     pub max_attempts: u32,
+    /// Daemon: where the status server listens (None: `off`).
+    pub status_listen: Option<std::net::SocketAddr>,
+    pub status_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -281,7 +284,7 @@ impl Config {
             problems.dedup_by(|a, b| a.line == b.line && a.msg == b.msg);
             return Err(ConfigError { problems });
         }
-        let warnings = password_warnings(path, &routes);
+        let warnings = password_warnings(path, &routes, &settings);
         Ok(Config {
             path: path.to_path_buf(),
             settings,
@@ -355,9 +358,9 @@ impl Config {
 }
 
 /// A file holding a password must not be readable by others.
-fn password_warnings(path: &Path, routes: &[Route]) -> Vec<String> {
+fn password_warnings(path: &Path, routes: &[Route], settings: &Settings) -> Vec<String> {
     let mut warnings = Vec::new();
-    if routes.iter().any(|r| r.password.is_some()) {
+    if routes.iter().any(|r| r.password.is_some()) || settings.status_token.is_some() {
         if let Some(mode) = file_mode(path) {
             if mode & 0o077 != 0 {
                 warnings.push(format!(

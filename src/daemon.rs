@@ -30,6 +30,7 @@ use crate::journal::{self, Journal, Source, State};
 use crate::local::{Follow, LocalFile};
 use crate::route::{base_name, Unroutable};
 use crate::spool;
+use crate::status::{self, Queue, Status};
 use crate::watch::{canonical_dirs, Ready, WatchOptions, Watcher};
 
 /// Retries across batches: 2 s, 4 s, 8 s … (the one policy, [`crate::retry`]).
@@ -129,6 +130,8 @@ struct Daemon {
     /// (path, size, mtime): judged again, in order, as packages finish.
     backlog: VecDeque<(PathBuf, u64, i64)>,
     backlogged: HashSet<PathBuf>,
+    /// What the status server shows (None: `status_listen = off`).
+    status: Option<Arc<Status>>,
 }
 
 /// `dispatch watch [DIR…]`: resolve the directories, open the journal,
@@ -141,6 +144,8 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     let signals = signal_channel()?;
     // kept for as long as the daemon runs: the channel never closes
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
+    // serving before "watching" is logged: whoever waits for that line can ask
+    let (status, server) = start_status(&config, &journal);
     let watcher = start_watcher(&config, &dirs, ready_tx.clone())?;
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let max_open = crate::app::open_file_budget(crate::app::jobs(g, &config));
@@ -162,6 +167,7 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
         max_open,
         backlog: VecDeque::new(),
         backlogged: HashSet::new(),
+        status,
     };
     let channels = Channels {
         ready: ready_rx,
@@ -170,14 +176,64 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     };
     if let Err(e) = d.serve(&watcher, &channels) {
         watcher.stop();
+        stop_status(server, &d.config);
         return Err(journal_lost(&d.journal, e));
     }
     log::info!("stopping: no new files taken; waiting for work in flight");
     watcher.stop();
     d.drain(&channels.outcomes);
+    stop_status(server, &d.config);
     log::info!("stopped");
     drop(ready_tx);
     Ok(code::OK)
+}
+
+/// The status server, when `status_listen` is not `off`. An address that
+/// cannot be bound is reported and the daemon runs without it: delivering
+/// matters more than showing it. The address bound is written to
+/// `state_dir/status.addr` for `dispatch status` (the port `status_listen`
+/// says may be 0).
+fn start_status(
+    config: &Config,
+    journal: &Journal,
+) -> (Option<Arc<Status>>, Option<status::server::Server>) {
+    let Some(listen) = config.settings.status_listen else {
+        return (None, None);
+    };
+    let st = Arc::new(Status::new(
+        &config.path.display().to_string(),
+        journal.last_event_id(),
+    ));
+    let opts = status::server::Options {
+        listen,
+        token: config.settings.status_token.clone(),
+    };
+    match status::server::Server::start(Arc::clone(&st), &opts) {
+        Ok(server) => {
+            log::info!(
+                "status: http://{}/ (API /api/v1/status, /api/v1/events, /metrics)",
+                server.addr()
+            );
+            let file = status::client::address_file(&config.settings.state_dir);
+            if let Err(e) = std::fs::write(&file, format!("{}\n", server.addr())) {
+                log::warn!("status: cannot write {}: {e}", file.display());
+            }
+            (Some(st), Some(server))
+        }
+        Err(e) => {
+            log::warn!(
+                "status server not started on {listen}: {e}; running without it (status_listen)"
+            );
+            (None, None)
+        }
+    }
+}
+
+fn stop_status(server: Option<status::server::Server>, config: &Config) {
+    if let Some(s) = server {
+        s.stop();
+        let _ = std::fs::remove_file(status::client::address_file(&config.settings.state_dir));
+    }
 }
 
 /// The directories the daemon watches, canonical (inotify reports absolute
@@ -336,6 +392,13 @@ impl Daemon {
                 watcher.forget(p);
             }
             self.journal.check_file()?;
+            if let Some(st) = &self.status {
+                st.set_queue(Queue {
+                    pending: self.pending.len(),
+                    waiting: self.backlog.len(),
+                    retries: self.retries.len(),
+                });
+            }
             if stopping {
                 return Ok(());
             }
@@ -491,6 +554,16 @@ impl Daemon {
                     .insert(path.to_path_buf(), (size, mtime_ns))
                     .is_none()
                 {
+                    if let Some(st) = &self.status {
+                        let why = match &e {
+                            Unroutable::NoRoute => "no route matches".to_string(),
+                            Unroutable::BadName(why) => why.to_string(),
+                        };
+                        st.note(
+                            "unrouted",
+                            serde_json::json!({"file": base_name(path), "reason": why}),
+                        );
+                    }
                     match e {
                         Unroutable::NoRoute => log::warn!(
                             "{}: no route matches; left in place (re-checked on SIGHUP)",
@@ -628,7 +701,11 @@ impl Daemon {
             journal: Some(Arc::clone(&self.journal)),
             when: chrono::Local::now(),
             dry_run: self.g.dry_run,
-            sinks: Vec::new(),
+            sinks: self
+                .status
+                .iter()
+                .map(|s| Arc::clone(s) as Arc<dyn crate::event::Sink>)
+                .collect(),
         };
         batch.run(items, &self.pool, self.out_tx.clone());
     }
@@ -712,6 +789,9 @@ impl Daemon {
                     o.file,
                     o.host
                 );
+                if let Some(st) = &self.status {
+                    st.park(&o, &why);
+                }
                 p.parked.insert(o.host.clone());
             }
         }
@@ -874,6 +954,9 @@ impl Daemon {
             }
             Err(e) => {
                 log::error!("config reload failed; keeping the old config:\n{e}");
+                if let Some(st) = &self.status {
+                    st.note("reload_failed", serde_json::json!({"error": e.to_string()}));
+                }
             }
         }
         if let Ok(n) = self.g.load_netrc() {
@@ -892,6 +975,9 @@ impl Daemon {
                 (*id, hosts)
             })
             .collect();
+        if let Some(st) = &self.status {
+            st.unpark_all();
+        }
         for (pkg, hosts) in parked {
             log::info!("package {pkg}: retrying parked hosts {}", hosts.join(", "));
             self.requeue(pkg, hosts);

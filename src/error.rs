@@ -61,6 +61,60 @@ pub enum Error {
     Signals { step: SignalStep, cause: io::Error },
     /// A VCS hook could not read its revision or write its files.
     Hook(HookError),
+    /// `dispatch status`: the daemon could not be asked.
+    Status(StatusQuery),
+}
+
+/// Why `dispatch status` got no answer.
+#[derive(Debug)]
+pub enum StatusQuery {
+    /// `status_listen = off`.
+    Off,
+    /// `status_listen` has port 0 and the daemon's address file is missing.
+    NoAddress { file: PathBuf, cause: io::Error },
+    /// Nothing answered (no daemon, or not yet listening).
+    Unreachable {
+        addr: std::net::SocketAddr,
+        cause: Box<ureq::Error>,
+    },
+    /// It answered with an HTTP error (401: the token is wrong).
+    Refused {
+        addr: std::net::SocketAddr,
+        status: u16,
+    },
+    /// Its answer was not the status JSON.
+    BadAnswer {
+        addr: std::net::SocketAddr,
+        cause: io::Error,
+    },
+}
+
+impl fmt::Display for StatusQuery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StatusQuery::Off => f.write_str(
+                "status_listen = off in [dispatch]: the daemon serves no status to ask",
+            ),
+            StatusQuery::NoAddress { file, cause } => write!(
+                f,
+                "status_listen has port 0 and the daemon's address is not in {}: {cause} (is the daemon running with this config?)",
+                file.display()
+            ),
+            StatusQuery::Unreachable { addr, cause } => {
+                write!(f, "no daemon answers at {addr}: {cause}")
+            }
+            StatusQuery::Refused { addr, status: 401 } => write!(
+                f,
+                "the daemon at {addr} refused the token (401): status_token differs from the daemon's"
+            ),
+            StatusQuery::Refused { addr, status } => {
+                write!(f, "the daemon at {addr} answered HTTP {status}")
+            }
+            StatusQuery::BadAnswer { addr, cause } => {
+                write!(f, "the answer of {addr} is not the status JSON: {cause}")
+            }
+        }
+    }
 }
 
 /// What a usage error is about; shown after `usage: `.
@@ -137,7 +191,7 @@ pub enum HookError {
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Config(_) | Error::Usage(_) => code::USAGE,
+            Error::Config(_) | Error::Usage(_) | Error::Status(StatusQuery::Off) => code::USAGE,
             _ => code::FAILED,
         }
     }
@@ -194,6 +248,7 @@ impl fmt::Display for Error {
                 cause,
             } => write!(f, "cannot start signal thread: {cause}"),
             Error::Hook(e) => write!(f, "{e}"),
+            Error::Status(e) => write!(f, "status: {e}"),
         }
     }
 }
@@ -210,7 +265,7 @@ impl std::error::Error for Error {
             | Error::Signals { cause, .. } => Some(cause),
             Error::DropDir(e) | Error::Watch(e) => Some(e),
             Error::Hook(e) => Some(e),
-            Error::NoSuchRun { .. } | Error::DropDirMissing { .. } => None,
+            Error::NoSuchRun { .. } | Error::DropDirMissing { .. } | Error::Status(_) => None,
         }
     }
 }

@@ -954,6 +954,16 @@ impl Journal {
             .remove(&(pkg, host.to_string()))
     }
 
+    /// The id of the last recorded event (0 for none): the status server
+    /// numbers its events after it.
+    pub fn last_event_id(&self) -> u64 {
+        self.conn()
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM event", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map_or(0, |n| n.max(0) as u64)
+    }
+
     /// Path of the database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -29,6 +29,7 @@ pub mod retry;
 pub mod route;
 pub mod script;
 pub mod spool;
+pub mod status;
 pub mod template;
 pub mod transport;
 pub mod watch;

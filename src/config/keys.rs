@@ -21,6 +21,7 @@ use crate::template::{check_placeholder_quoting, placeholders, Unquotable, BUILT
 use KeyDefault::{Computed, Required, Text, Unset};
 
 pub const DEFAULT_DEST_DIR: &str = "~/newcx/%Y%m%d_%H%M%S";
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8377";
 const DEFAULT_KNOWN_HOSTS: &str = "~/.ssh/known_hosts";
 /// `state_dir` when `$XDG_STATE_HOME` is not set.
 const DEFAULT_STATE_DIR: &str = "~/.local/state/dispatch";
@@ -319,6 +320,18 @@ pub const SETTINGS_KEYS: &[Key<Settings>] = &[
         help: "Daemon: attempts per file × host before it is parked, 1-100.",
         set: |s, v, _| put(&mut s.max_attempts, count_within(v, 1..=MAX_RETRIES)),
     },
+    Key {
+        name: "status_listen",
+        default: Text(DEFAULT_STATUS_LISTEN),
+        help: "Daemon: the status page, API and metrics (ADDRESS:PORT), or off.",
+        set: |s, v, _| put(&mut s.status_listen, parse_listen(v)),
+    },
+    Key {
+        name: "status_token",
+        default: Unset,
+        help: "Bearer token the status server asks for; needed to listen on anything but loopback.",
+        set: |s, v, _| put(&mut s.status_token, Ok(non_empty(v).map(Secret::new))),
+    },
 ];
 
 fn default_state_dir() -> PathBuf {
@@ -616,7 +629,34 @@ pub(super) fn build_settings(ctx: &mut Ctx<'_>, s: Option<&RawSection>) -> Setti
             );
         }
     }
+    status_needs_token(ctx, &settings, lookup("status_listen"));
     settings
+}
+
+/// `off`, or an address to listen on.
+fn parse_listen(v: &str) -> Result<Option<std::net::SocketAddr>, String> {
+    let v = v.trim();
+    if v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.parse().map(Some).map_err(|_| {
+        format!("`{v}` is not ADDRESS:PORT (127.0.0.1:8377, [::1]:8377, 0.0.0.0:8377) or off")
+    })
+}
+
+/// Listening on anything but loopback needs `status_token`.
+fn status_needs_token(ctx: &mut Ctx<'_>, s: &Settings, entry: Option<&RawEntry>) {
+    let (Some(addr), Some(e)) = (s.status_listen, entry) else {
+        return;
+    };
+    if !addr.ip().is_loopback() && s.status_token.is_none() {
+        ctx.err(
+            e.line,
+            format!(
+                "[dispatch] status_listen: {addr} is not loopback: set status_token too (anyone who can reach it would see every file and host)"
+            ),
+        );
+    }
 }
 
 /// Settings before the table is applied (see [`unset_route`]).
@@ -636,6 +676,8 @@ fn unset_settings() -> Settings {
         spool_dir: None,
         log_config: None,
         max_attempts: 0,
+        status_listen: None,
+        status_token: None,
     }
 }
 

@@ -14,5 +14,6 @@ mod hooks;
 mod journal_watch;
 mod packaging;
 mod progress;
+mod status;
 mod structure;
 mod watch_daemon;

@@ -15,13 +15,13 @@ use crate::scenario;
 use crate::servers::{self, copies, installed, wait_installed, Placement, SshServer, Workspace};
 
 /// A running `dispatch watch`, killed by pid on drop.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Daemon {
-    fn start(ws: &Workspace, cfg: &Path, drop: &Path) -> Daemon {
+    pub(crate) fn start(ws: &Workspace, cfg: &Path, drop: &Path) -> Daemon {
         Daemon::start_with_nofile(ws, cfg, drop, None)
     }
 
@@ -70,7 +70,7 @@ impl Daemon {
         d
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -78,7 +78,7 @@ impl Daemon {
         self.child.as_ref().unwrap().id() as i32
     }
 
-    fn signal(&self, sig: i32) {
+    pub(crate) fn signal(&self, sig: i32) {
         unsafe {
             libc::kill(self.pid(), sig);
         }
@@ -92,7 +92,7 @@ impl Daemon {
     }
 
     /// Wait for exit (bounded) and return the exit code.
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let c = self.child.as_mut().unwrap();
         let status = servers::poll_until(limit, "daemon to exit", || c.try_wait().unwrap());
         self.child = None;
