@@ -231,6 +231,12 @@ pub struct Settings {
     /// Daemon: where the status server listens (None: `off`).
     pub status_listen: Option<std::net::SocketAddr>,
     pub status_token: Option<Secret>,
+    /// Daemon: notifications ([`crate::notify`]).
+    pub notify_command: Option<String>,
+    pub notify_url: Option<String>,
+    pub notify_secret: Option<Secret>,
+    /// `notify_on = all` (else failures only).
+    pub notify_all: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -360,7 +366,10 @@ impl Config {
 /// A file holding a password must not be readable by others.
 fn password_warnings(path: &Path, routes: &[Route], settings: &Settings) -> Vec<String> {
     let mut warnings = Vec::new();
-    if routes.iter().any(|r| r.password.is_some()) || settings.status_token.is_some() {
+    if routes.iter().any(|r| r.password.is_some())
+        || settings.status_token.is_some()
+        || settings.notify_secret.is_some()
+    {
         if let Some(mode) = file_mode(path) {
             if mode & 0o077 != 0 {
                 warnings.push(format!(

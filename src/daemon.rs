@@ -28,6 +28,7 @@ use crate::error::{code, Error, LostJournal, SignalStep, UsageError};
 use crate::job::{self, Batch, Item, Outcome};
 use crate::journal::{self, Journal, Source, State};
 use crate::local::{Follow, LocalFile};
+use crate::notify::Notifier;
 use crate::route::{base_name, Unroutable};
 use crate::spool;
 use crate::status::{self, Queue, Status};
@@ -132,6 +133,8 @@ struct Daemon {
     backlogged: HashSet<PathBuf>,
     /// What the status server shows (None: `status_listen = off`).
     status: Option<Arc<Status>>,
+    /// Sends notifications from the journal's outbox.
+    notifier: Option<Notifier>,
 }
 
 /// `dispatch watch [DIR…]`: resolve the directories, open the journal,
@@ -146,6 +149,14 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
     // serving before "watching" is logged: whoever waits for that line can ask
     let (status, server) = start_status(&config, &journal);
+    let journal = Arc::new(journal);
+    let notifier = match Notifier::start(&config.settings, Arc::clone(&journal)) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            log::error!("notify: cannot start the sender: {e}; no notifications are sent");
+            None
+        }
+    };
     let watcher = start_watcher(&config, &dirs, ready_tx.clone())?;
     let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let max_open = crate::app::open_file_budget(crate::app::jobs(g, &config));
@@ -154,7 +165,7 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
         pool: cli::pool(g, &config),
         config: Arc::new(config),
         netrc: Arc::new(netrc),
-        journal: Arc::new(journal),
+        journal,
         out_tx,
         pending: HashMap::new(),
         retries: Vec::new(),
@@ -168,6 +179,7 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
         backlog: VecDeque::new(),
         backlogged: HashSet::new(),
         status,
+        notifier,
     };
     let channels = Channels {
         ready: ready_rx,
@@ -183,6 +195,9 @@ pub fn run(g: &Global, dirs: Vec<PathBuf>) -> Result<u8, Error> {
     watcher.stop();
     d.drain(&channels.outcomes);
     stop_status(server, &d.config);
+    if let Some(n) = d.notifier.take() {
+        n.stop();
+    }
     log::info!("stopped");
     drop(ready_tx);
     Ok(code::OK)
@@ -554,16 +569,7 @@ impl Daemon {
                     .insert(path.to_path_buf(), (size, mtime_ns))
                     .is_none()
                 {
-                    if let Some(st) = &self.status {
-                        let why = match &e {
-                            Unroutable::NoRoute => "no route matches".to_string(),
-                            Unroutable::BadName(why) => why.to_string(),
-                        };
-                        st.note(
-                            "unrouted",
-                            serde_json::json!({"file": base_name(path), "reason": why}),
-                        );
-                    }
+                    self.tell_unrouted(path, &e);
                     match e {
                         Unroutable::NoRoute => log::warn!(
                             "{}: no route matches; left in place (re-checked on SIGHUP)",
@@ -747,6 +753,9 @@ impl Daemon {
         };
         p.in_flight.remove(&o.host);
         if o.ok {
+            if let Some(n) = &self.notifier {
+                n.success(&o.state, outcome_fields(&o, None));
+            }
             p.ok.insert(o.host.clone());
             log::info!(
                 "{}: {}: {} ({})",
@@ -791,6 +800,9 @@ impl Daemon {
                 );
                 if let Some(st) = &self.status {
                     st.park(&o, &why);
+                }
+                if let Some(n) = &self.notifier {
+                    n.failure("parked", outcome_fields(&o, Some(&why)));
                 }
                 p.parked.insert(o.host.clone());
             }
@@ -940,6 +952,36 @@ impl Daemon {
         }
     }
 
+    /// A file no route takes, for the status page and the notifications.
+    fn tell_unrouted(&self, path: &Path, e: &Unroutable) {
+        let why = match e {
+            Unroutable::NoRoute => "no route matches".to_string(),
+            Unroutable::BadName(why) => why.to_string(),
+        };
+        let fields = serde_json::json!({
+            "file": base_name(path), "path": path.display().to_string(), "reason": why,
+        });
+        if let Some(st) = &self.status {
+            st.note("unrouted", fields.clone());
+        }
+        if let Some(n) = &self.notifier {
+            n.failure("unrouted", fields);
+        }
+    }
+
+    /// A reload that failed (the old config is kept).
+    fn tell_reload_failed(&self, e: &Error) {
+        let fields = serde_json::json!({
+            "config": self.config.path.display().to_string(), "error": e.to_string(),
+        });
+        if let Some(st) = &self.status {
+            st.note("reload_failed", fields.clone());
+        }
+        if let Some(n) = &self.notifier {
+            n.failure("reload_failed", fields);
+        }
+    }
+
     /// SIGHUP: reload the config, retry parked failures and unrouted files.
     fn reload(&mut self) {
         match self.g.load_config() {
@@ -950,13 +992,14 @@ impl Daemon {
                     c.routes.len()
                 );
                 self.dirs_unchanged(&c);
+                if let Some(n) = &self.notifier {
+                    n.reload(&c.settings);
+                }
                 self.config = Arc::new(c);
             }
             Err(e) => {
                 log::error!("config reload failed; keeping the old config:\n{e}");
-                if let Some(st) = &self.status {
-                    st.note("reload_failed", serde_json::json!({"error": e.to_string()}));
-                }
+                self.tell_reload_failed(&e);
             }
         }
         if let Ok(n) = self.g.load_netrc() {
@@ -987,4 +1030,15 @@ impl Daemon {
         }
         self.flush();
     }
+}
+
+/// What a notification says of a file × host outcome.
+fn outcome_fields(o: &Outcome, parked_because: Option<&str>) -> serde_json::Value {
+    serde_json::json!({
+        "file": o.file, "path": o.path, "host": o.host, "section": o.section,
+        "state": o.state, "ok": o.ok, "transport": o.transport,
+        "remote_path": o.remote_path, "bytes": o.bytes, "attempts": o.attempts,
+        "exit_status": o.exit_status, "output_tail": o.output_tail, "error": o.error,
+        "reason": parked_because,
+    })
 }

@@ -47,6 +47,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+mod outbox;
+pub use outbox::{Notification, NotifyTarget, OutboxCounts};
+
 use chrono::{DateTime, Local, SecondsFormat};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
 use sha2::{Digest, Sha256};
@@ -55,8 +58,9 @@ use sha2::{Digest, Sha256};
 pub const JOURNAL_FILE: &str = "journal.sqlite";
 
 /// Schema version written to `PRAGMA user_version`. 1: package, delivery,
-/// event. 2: + run (one row per delivery run), `event.run`.
-const SCHEMA_VERSION: i64 = 2;
+/// event. 2: + run (one row per delivery run), `event.run`. 3: + the
+/// notification outbox ([`outbox`]).
+const SCHEMA_VERSION: i64 = 3;
 
 /// How long a writer waits for another process's transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1509,14 +1513,20 @@ fn migrate(conn: &mut Connection, fresh: bool) -> Result<(), JournalCause> {
             // a new journal is built as an old one is upgraded: one schema
             tx.execute_batch(SCHEMA_V1).map_err(JournalCause::Sqlite)?;
             upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
+            tx.execute_batch(outbox::SCHEMA_V3)
+                .map_err(JournalCause::Sqlite)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(JournalCause::Sqlite)?;
         }
-        1 => {
-            upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
+        1 | 2 => {
+            if version == 1 {
+                upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
+            }
+            tx.execute_batch(outbox::SCHEMA_V3)
+                .map_err(JournalCause::Sqlite)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(JournalCause::Sqlite)?;
-            log::info!("journal: schema upgraded from version 1 to {SCHEMA_VERSION} (one row per delivery run)");
+            log::info!("journal: schema upgraded from version {version} to {SCHEMA_VERSION} (runs, notification outbox)");
         }
         SCHEMA_VERSION => {}
         v if v > SCHEMA_VERSION => return Err(JournalCause::Schema(SchemaProblem::Newer(v))),

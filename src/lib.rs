@@ -23,6 +23,7 @@ pub mod journal;
 pub mod local;
 pub mod lock;
 pub mod logging;
+pub mod notify;
 pub mod plan;
 pub mod progress;
 pub mod retry;

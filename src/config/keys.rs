@@ -327,6 +327,30 @@ pub const SETTINGS_KEYS: &[Key<Settings>] = &[
         set: |s, v, _| put(&mut s.status_listen, parse_listen(v)),
     },
     Key {
+        name: "notify_command",
+        default: Unset,
+        help: "Daemon: a local shell command run for each notification, the event as JSON on its stdin.",
+        set: |s, v, _| put(&mut s.notify_command, Ok(non_empty(v))),
+    },
+    Key {
+        name: "notify_url",
+        default: Unset,
+        help: "Daemon: a webhook (http:// or https://) each notification is POSTed to as JSON.",
+        set: |s, v, _| put(&mut s.notify_url, parse_url(v)),
+    },
+    Key {
+        name: "notify_secret",
+        default: Unset,
+        help: "Signs each webhook body: X-Dispatch-Signature: sha256=HMAC-SHA256(secret, body) in hex.",
+        set: |s, v, _| put(&mut s.notify_secret, Ok(non_empty(v).map(Secret::new))),
+    },
+    Key {
+        name: "notify_on",
+        default: Text("failure"),
+        help: "Daemon: what is notified: failure (parked, unroutable, failed reload) or all (also every success).",
+        set: |s, v, _| put(&mut s.notify_all, parse_notify_on(v)),
+    },
+    Key {
         name: "status_token",
         default: Unset,
         help: "Bearer token the status server asks for; needed to listen on anything but loopback.",
@@ -633,6 +657,31 @@ pub(super) fn build_settings(ctx: &mut Ctx<'_>, s: Option<&RawSection>) -> Setti
     settings
 }
 
+/// `notify_url`: empty, or an http(s) URL.
+fn parse_url(v: &str) -> Result<Option<String>, String> {
+    let v = v.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    let rest = v
+        .strip_prefix("http://")
+        .or_else(|| v.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{v}` is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || v.chars().any(char::is_whitespace) {
+        return Err(format!("`{v}` has no host"));
+    }
+    Ok(Some(v.to_string()))
+}
+
+/// `notify_on`: true for `all`.
+fn parse_notify_on(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "failure" | "failures" => Ok(false),
+        "all" => Ok(true),
+        _ => Err(format!("`{v}` is not failure or all")),
+    }
+}
+
 /// `off`, or an address to listen on.
 fn parse_listen(v: &str) -> Result<Option<std::net::SocketAddr>, String> {
     let v = v.trim();
@@ -678,6 +727,10 @@ fn unset_settings() -> Settings {
         max_attempts: 0,
         status_listen: None,
         status_token: None,
+        notify_command: None,
+        notify_url: None,
+        notify_secret: None,
+        notify_all: false,
     }
 }
 

@@ -12,6 +12,7 @@ mod ftp_transport;
 mod harness_smoke;
 mod hooks;
 mod journal_watch;
+mod notify;
 mod packaging;
 mod progress;
 mod status;
