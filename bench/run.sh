@@ -2,7 +2,7 @@
 # bench/run.sh - dispatch against the tools operators use today, measured in the same run,
 # on throwaway OpenSSH "hosts" on loopback (127.0.0.2-5, one sshd each, own port and user).
 #
-#   bench/run.sh [WORKLOAD...]      workloads: throughput many dropdir scale wan  (default: the first four)
+#   bench/run.sh [WORKLOAD...]      workloads: throughput many dropdir scale wan status  (default: the first four)
 #
 # Environment (defaults):
 #   RUNS=3             repetitions per workload; medians are reported
@@ -1021,6 +1021,102 @@ wl_wan() {
   done
   find "$RHOME/wan" -mindepth 1 -delete
   md "" "Issue target (W5): dispatch ≤ 1.5× the time of one \`tar | ssh\` stream per host, at both RTTs."
+}
+
+# ================================================================= 6. status server overhead
+status_clients() { # ADDRESS:PORT -> the daemon's count of event-stream clients, or -1
+  curl -s --max-time 2 "http://$1/metrics" 2>/dev/null | awk '/^dispatch_status_clients / { print $2; f = 1 } END { if (!f) print -1 }'
+}
+
+# The daemon delivering NFILES packages (renamed into its drop dir at once) to every host, with
+# the status server off, and on with one client following /api/v1/events (curl -N) and another
+# reading /api/v1/status and /metrics every 0.5 s. Time = from the rename to the last delivery
+# the journal records as done (run.updated_ms).
+wl_status() {
+  local src=$W/data/status drop=$W/status-drop n_expected=$((NFILES * ${#HOSTS[@]}))
+  local saddr=127.0.0.1:$((PORT + 2000))
+  rm -rf "$src" "$drop"
+  mkdir -p "$src" "$drop"
+  log "status: making $NFILES files of $FILE_KB KiB"
+  head -c $((NFILES * FILE_KB * 1024)) /dev/urandom | split -b "${FILE_KB}k" -a 4 -d --additional-suffix=.tgz - "$src/st-"
+  local hosts_csv; hosts_csv=$(printf '%s, ' "${HOSTS[@]}"); hosts_csv=${hosts_csv%, }
+  install -d -o "$BUSER" "$RHOME/status"
+  local load0; load0=$(loadavg)
+  local r mode
+  for ((r = 1; r <= RUNS; r++)); do
+    for mode in $(rotate $((r - 1)) off on); do
+      find "$RHOME/status" -mindepth 1 -delete
+      rm -rf "$W/state/status-$mode"
+      local listen=off; [ "$mode" = on ] && listen=$saddr
+      dispatch_config "$W/status-$mode.ini" 'st-' "$hosts_csv" "~/status/{host}/%Y%m%d_%H%M%S" \
+        'sha256sum {name} > {name}.installed' "$(printf 'watch = %s\nstatus_listen = %s' "$drop" "$listen")"
+      sync
+      if ! start_dispatch_watch "$W/status-$mode.ini" "$W/status.$mode.$r.log"; then
+        log "status run $r ($mode): dispatch watch did not start"
+        rec status "$mode" fail 1
+        stop_pid "$WATCH_PID"
+        continue
+      fi
+      local sse_pid='' poll_pid='' i
+      if [ "$mode" = on ]; then
+        curl -sN "http://$saddr/api/v1/events" >"$W/status.sse.$r" 2>/dev/null &
+        sse_pid=$!
+        PIDS+=("$sse_pid")
+        (while :; do
+          curl -s "http://$saddr/api/v1/status" >/dev/null
+          curl -s "http://$saddr/metrics" >/dev/null
+          sleep 0.5
+        done) &
+        poll_pid=$!
+        PIDS+=("$poll_pid")
+        for i in $(seq 100); do
+          [ "$(status_clients "$saddr")" = 1 ] && break
+          nap 0.05
+        done
+      fi
+      local t0 done_n=0 last_ms
+      t0=$EPOCHREALTIME
+      mv "$src"/st-*.tgz "$drop"/
+      for i in $(seq 1200); do # ≤ 120 s
+        done_n=$(journal_count "$W/state/status-$mode")
+        [ "$done_n" != - ] && [ "$done_n" -ge "$n_expected" ] && break
+        nap 0.1
+      done
+      last_ms=$(sqlite3 -readonly "$W/state/status-$mode/journal.sqlite" "select max(updated_ms) from run where state in ('installed','uploaded')" 2>/dev/null || echo)
+      if [ "$done_n" = - ] || [ "$done_n" -lt "$n_expected" ] || [ -z "$last_ms" ]; then
+        log "status run $r ($mode): $done_n of $n_expected done within 120 s"
+        rec status "$mode" fail 1
+      else
+        local took; took=$(calc "$last_ms / 1000 - $t0")
+        local verified; verified=$(find "$RHOME/status" -name '*.installed' | wc -l)
+        rec status "$mode" time "$took"
+        rec status "$mode" verified "$verified"
+        log "status run $r ($mode): $n_expected deliveries in $(fmt "$took") s ($verified markers)"
+        [ "$mode" = on ] && rec status on events "$(grep -c '^id: ' "$W/status.sse.$r" || true)"
+      fi
+      [ -n "$poll_pid" ] && stop_pid "$poll_pid"
+      [ -n "$sse_pid" ] && stop_pid "$sse_pid"
+      stop_pid "$WATCH_PID"
+      wait "$WATCH_PID" 2>/dev/null || true
+      mv "$drop"/st-*.tgz "$src"/
+    done
+  done
+  local off on ratio
+  off=$(med status off time)
+  on=$(med status on time)
+  ratio=-
+  [ "$off" != - ] && [ "$on" != - ] && ratio=$(calc "$on / $off")
+  md "" "## 6. Status server overhead: $NFILES × $FILE_KB KiB renamed into a drop dir, ${#HOSTS[@]} hosts"
+  md ""
+  md "\`dispatch watch\` with \`status_listen = off\`, and on with one client following \`/api/v1/events\` (\`curl -N\`) and one reading \`/api/v1/status\` and \`/metrics\` every 0.5 s. *time* = from the rename into the drop dir to the last delivery the journal records as done. Modes in rotating order. Load average at start: $load0, at end: $(loadavg)."
+  md ""
+  md "| status server | median s | per run | deliveries verified | events streamed |"
+  md "| --- | ---: | --- | --- | --- |"
+  md "| off | $(fmt "$off") | $(vals status off time) | $(vals status off verified 0) | |"
+  md "| on, 2 clients | $(fmt "$on") | $(vals status on time) | $(vals status on verified 0) | $(vals status on events 0) |"
+  [ "$(count status off fail)$(count status on fail)" != 00 ] && md "" "Failed runs: off $(count status off fail), on $(count status on fail)."
+  md "" "| target | measured | met |" "| --- | ---: | --- |"
+  md "| on within 5 % of off | $(fmt "$ratio")× | $(yesno "$ratio" '<=' 1.05) |"
 }
 
 # ================================================================= main
