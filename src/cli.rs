@@ -265,11 +265,109 @@ impl std::fmt::Display for SinceError {
 
 impl std::error::Error for SinceError {}
 
+/// The global options each subcommand uses (by id); the others are left
+/// out of its `--help` (still accepted, and ignored).
+const OPTIONS_THAT_APPLY: &[(&str, &[&str])] = &[
+    (
+        "watch",
+        &[
+            "config",
+            "netrc",
+            "log_config",
+            "jobs",
+            "dry_run",
+            "quiet",
+            "verbose",
+        ],
+    ),
+    (
+        "route",
+        &["config", "log_config", "json", "quiet", "verbose"],
+    ),
+    (
+        "check",
+        &[
+            "config",
+            "netrc",
+            "log_config",
+            "jobs",
+            "json",
+            "quiet",
+            "verbose",
+        ],
+    ),
+    (
+        "history",
+        &["config", "log_config", "json", "quiet", "verbose"],
+    ),
+    (
+        "status",
+        &["config", "log_config", "json", "quiet", "verbose"],
+    ),
+];
+
+/// The command line for help, man pages and completions: each
+/// subcommand showing only the options that apply to it.
+pub fn command() -> clap::Command {
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    // propagates the global options into the subcommands
+    cmd.build();
+    let globals: Vec<String> = <Global as clap::Args>::augment_args(clap::Command::new("g"))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    for (sub, applies) in OPTIONS_THAT_APPLY {
+        cmd = cmd.mut_subcommand(*sub, |mut sc| {
+            for id in globals.iter().filter(|id| !applies.contains(&id.as_str())) {
+                if sc.get_arguments().any(|a| a.get_id() == id.as_str()) {
+                    sc = sc.mut_arg(id.as_str(), |a| a.hide(true));
+                }
+            }
+            sc
+        });
+    }
+    cmd
+}
+
+/// `dispatch SUB --help` / `-h`: SUB's help with the options that apply
+/// (clap renders the rest: its own help of `dispatch`, errors).
+fn subcommand_help(args: &[std::ffi::OsString]) -> Option<String> {
+    let sub = args.get(1)?.to_str()?;
+    let long = args.iter().any(|a| a == "--help");
+    if !long && !args.iter().any(|a| a == "-h") {
+        return None;
+    }
+    let mut cmd = command();
+    let sc = cmd.find_subcommand_mut(sub)?;
+    if sc.has_subcommands() {
+        return None;
+    }
+    let help = if long {
+        sc.render_long_help()
+    } else {
+        sc.render_help()
+    };
+    use std::io::IsTerminal;
+    let text = if std::io::stdout().is_terminal() {
+        help.ansi().to_string()
+    } else {
+        help.to_string()
+    };
+    Some(text)
+}
+
 /// Parse arguments, start logging, run the mode. Returns the exit code.
 pub fn main() -> u8 {
-    let cli = match Cli::try_parse_from(subcommand_first(std::env::args_os().collect())) {
+    let args = subcommand_first(std::env::args_os().collect());
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         Err(e) => {
+            if e.kind() == clap::error::ErrorKind::DisplayHelp {
+                if let Some(h) = subcommand_help(&args) {
+                    print!("{h}");
+                    return code::OK;
+                }
+            }
             let _ = e.print();
             return match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -401,7 +499,7 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
         ),
         Some(Command::Man { dir }) => man(dir),
         Some(Command::Completions { shell }) => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = command();
             clap_complete::generate(shell, &mut cmd, "dispatch", &mut std::io::stdout());
             Ok(code::OK)
         }
@@ -876,7 +974,7 @@ fn history(g: &Global, filter: journal::HistoryFilter) -> Result<u8, Error> {
 /// `dispatch man [DIR]`: the man pages, made from the command line's own
 /// definition (so they cannot drift from `--help`).
 fn man(dir: Option<PathBuf>) -> Result<u8, Error> {
-    let cmd = <Cli as clap::CommandFactory>::command();
+    let cmd = command();
     match dir {
         None => {
             let mut out = std::io::stdout().lock();

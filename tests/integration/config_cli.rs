@@ -350,6 +350,7 @@ fn every_command_help_shows_examples_and_exit_codes() {
         &["route"][..],
         &["check"][..],
         &["history"][..],
+        &["status"][..],
     ] {
         let r = ws.dispatch().args(cmd).arg("--help").run().assert_code(0);
         for part in ["Exit codes:", "  2  "] {
@@ -367,4 +368,69 @@ fn every_command_help_shows_examples_and_exit_codes() {
             );
         }
     }
+}
+
+/// A subcommand's help lists the options it uses, not every global one;
+/// `dispatch --help` still lists them all, and the hidden ones still parse.
+#[test]
+fn subcommand_help_shows_only_the_options_that_apply() {
+    let ws = Workspace::new();
+    let top = ws.dispatch().arg("--help").run().assert_code(0);
+    for opt in ["--dry-run", "--progress", "--jobs", "--netrc", "--json"] {
+        assert!(
+            top.stdout.contains(opt),
+            "dispatch --help lacks {opt}:\n{top}"
+        );
+    }
+    for (cmd, shown, hidden) in [
+        (
+            "history",
+            &["--config", "--json", "--failed", "--since"][..],
+            &["--dry-run", "--progress", "--jobs", "--netrc"][..],
+        ),
+        (
+            "status",
+            &["--config", "--json"][..],
+            &["--dry-run", "--progress", "--jobs"][..],
+        ),
+        (
+            "route",
+            &["--config", "--json"][..],
+            &["--dry-run", "--progress", "--netrc"][..],
+        ),
+        (
+            "watch",
+            &["--config", "--dry-run", "--jobs"][..],
+            &["--progress", "--json"][..],
+        ),
+    ] {
+        for flag in ["--help", "-h"] {
+            // after the global -c, as an operator types it
+            let r = ws
+                .dispatch()
+                .args(["-c", "x.ini", cmd, flag])
+                .run()
+                .assert_code(0);
+            for o in shown {
+                assert!(r.stdout.contains(o), "{cmd} {flag} lacks {o}:\n{r}");
+            }
+            for o in hidden {
+                assert!(!r.stdout.contains(o), "{cmd} {flag} shows {o}:\n{r}");
+            }
+            assert!(!r.stdout.contains("\x1b["), "colours into a pipe:\n{r}");
+        }
+    }
+    // hidden, still accepted
+    let cfg = ws.write_config("[x]\nhost = h\n");
+    ws.dispatch()
+        .args([
+            "-c",
+            cfg.to_str().unwrap(),
+            "route",
+            "--progress",
+            "none",
+            "x",
+        ])
+        .run()
+        .assert_code(0);
 }
