@@ -64,8 +64,8 @@ log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 for w in "${WORKLOADS[@]}"; do
-  case $w in throughput | many | dropdir | scale | wan) ;; -h | --help) sed -n "2,30p" "$0"; exit 0 ;;
-    *) die "unknown workload '$w' (throughput many dropdir scale wan)" ;; esac
+  case $w in throughput | many | dropdir | scale | wan | status) ;; -h | --help) sed -n "2,30p" "$0"; exit 0 ;;
+    *) die "unknown workload '$w' (throughput many dropdir scale wan status)" ;; esac
 done
 [ "$(id -u)" = 0 ] || die "must run as root (sshd needs it to switch users; useradd)"
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer"
