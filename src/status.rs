@@ -50,6 +50,9 @@ struct State {
     parked: BTreeMap<(i64, String), Value>,
     queue: Queue,
     closed: bool,
+    /// Event threads waiting in [`Status::next_events`] (no wake-up call
+    /// when there are none).
+    waiting: usize,
 }
 
 /// (package, file, host).
@@ -127,17 +130,21 @@ impl Status {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Number the event, keep it, wake the SSE clients.
-    fn record(&self, st: &mut State, mut v: Value) {
+    /// Number the event (its SSE `id:`), keep it, wake the SSE clients.
+    fn record(&self, st: &mut State, v: &Value) {
+        self.record_text(st, v.to_string());
+    }
+
+    fn record_text(&self, st: &mut State, text: String) {
         st.seq += 1;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("seq".into(), json!(st.seq));
-        }
-        st.log.push_back((st.seq, v.to_string()));
+        let seq = st.seq;
+        st.log.push_back((seq, text));
         while st.log.len() > LOG_CAPACITY {
             st.log.pop_front();
         }
-        self.changed.notify_all();
+        if st.waiting > 0 {
+            self.changed.notify_all();
+        }
     }
 
     /// A daemon-level event (`parked`, `unrouted`, `reload_failed`, …):
@@ -148,7 +155,7 @@ impl Status {
             o.extend(extra);
         }
         let mut st = self.lock();
-        self.record(&mut st, v);
+        self.record(&mut st, &v);
     }
 
     /// The daemon's queue after a turn of its loop; an event when it changed.
@@ -161,7 +168,7 @@ impl Status {
         st.queue = q;
         let v = json!({"event": "queue", "at": rfc3339(chrono::Utc::now()),
                        "pending": q.pending, "waiting": q.waiting, "retries": q.retries});
-        self.record(&mut st, v);
+        self.record(&mut st, &v);
     }
 
     /// A file × host given up on until SIGHUP or restart.
@@ -180,7 +187,7 @@ impl Status {
         if let Some(obj) = e.as_object_mut() {
             obj.insert("event".into(), json!("parked"));
         }
-        self.record(&mut st, e);
+        self.record(&mut st, &e);
     }
 
     /// SIGHUP: the parked file × hosts are retried.
@@ -193,7 +200,7 @@ impl Status {
         st.parked.clear();
         self.metrics.parked(0);
         let v = json!({"event": "unparked", "at": rfc3339(chrono::Utc::now()), "count": n});
-        self.record(&mut st, v);
+        self.record(&mut st, &v);
     }
 
     pub fn parked_count(&self) -> usize {
@@ -248,10 +255,12 @@ impl Status {
             if left.is_zero() {
                 return Next::Idle;
             }
+            st.waiting += 1;
             st = match self.changed.wait_timeout(st, left) {
                 Ok((g, _)) => g,
                 Err(p) => p.into_inner().0,
             };
+            st.waiting -= 1;
         }
     }
 
@@ -267,7 +276,7 @@ impl Status {
         self.changed.notify_all();
     }
 
-    fn on_event(&self, st: &mut State, e: &Event) {
+    fn on_event(&self, st: &mut State, e: &Event, result: Option<&Value>) {
         let key: Key = (e.package, e.file.clone(), e.host.clone());
         let now = Instant::now();
         if let EventKind::Queued = e.kind {
@@ -286,8 +295,8 @@ impl Status {
                 },
             );
         }
-        if let EventKind::Finished(o) = &e.kind {
-            self.finished(st, &key, o);
+        if let (EventKind::Finished(o), Some(r)) = (&e.kind, result) {
+            self.finished(st, &key, o, r);
             return;
         }
         let Some(f) = st.in_flight.get_mut(&key) else {
@@ -335,7 +344,7 @@ impl Status {
         }
     }
 
-    fn finished(&self, st: &mut State, key: &Key, o: &Outcome) {
+    fn finished(&self, st: &mut State, key: &Key, o: &Outcome, result: &Value) {
         if let Some(f) = st.in_flight.remove(key) {
             if let Some(t) = f.install_started {
                 self.metrics.step("install", t.elapsed());
@@ -343,11 +352,7 @@ impl Status {
             self.metrics.step("delivery", f.queued.elapsed());
         }
         self.metrics.delivery(o);
-        let mut v = serde_json::to_value(o).unwrap_or_else(|_| json!({}));
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("package".into(), json!(o.package));
-            obj.insert("at".into(), json!(rfc3339(chrono::Utc::now())));
-        }
+        let v = result.clone();
         st.hosts.insert(o.host.clone(), v.clone());
         st.recent.push_front(v);
         st.recent.truncate(RECENT);
@@ -355,20 +360,30 @@ impl Status {
 }
 
 impl Sink for Status {
+    /// The JSON is made before the lock is taken: lanes emitting at once
+    /// wait on each other only for the bookkeeping.
     fn on(&self, e: &Event) {
-        let mut st = self.lock();
-        self.on_event(&mut st, e);
         let mut v = e.to_json();
-        if let (EventKind::Finished(o), Some(obj)) = (&e.kind, v.as_object_mut()) {
+        let mut result = None;
+        if let EventKind::Finished(o) = &e.kind {
             // the whole result, like `--json`'s result lines
-            if let Ok(Value::Object(fields)) = serde_json::to_value(o) {
-                obj.extend(fields);
+            let mut r = serde_json::to_value(o).unwrap_or_else(|_| json!({}));
+            if let Some(obj) = r.as_object_mut() {
+                obj.insert("package".into(), json!(o.package));
+                obj.insert("at".into(), v["at"].clone());
             }
+            if let (Some(obj), Value::Object(fields)) = (v.as_object_mut(), &r) {
+                obj.extend(fields.clone());
+            }
+            result = Some(r);
         }
         if let Some(obj) = v.as_object_mut() {
             obj.insert("package".into(), json!(e.package));
         }
-        self.record(&mut st, v);
+        let text = v.to_string();
+        let mut st = self.lock();
+        self.on_event(&mut st, e, result.as_ref());
+        self.record_text(&mut st, text);
     }
 }
 

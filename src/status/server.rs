@@ -33,6 +33,10 @@ use crate::config::Secret;
 pub const MAX_EVENT_CLIENTS: usize = 32;
 /// A comment line this often on an idle event stream.
 pub const HEARTBEAT: Duration = Duration::from_secs(15);
+/// Events are written at most this often per client (what came meanwhile
+/// goes in one write): a busy daemon wakes its event threads 20 times a
+/// second, not once per event.
+const COALESCE: Duration = Duration::from_millis(50);
 
 const PAGE: &str = include_str!("page.html");
 const SCRIPT: &str = include_str!("app.js");
@@ -334,9 +338,14 @@ fn stream(mut w: Box<dyn Write + Send>, status: &Status, mut cursor: u64) -> std
     loop {
         match status.next_events(&mut cursor, HEARTBEAT) {
             Next::Events(evs) => {
+                let mut out = String::new();
                 for (id, data) in evs {
-                    write!(w, "id: {id}\ndata: {data}\n\n")?;
+                    out.push_str(&format!("id: {id}\ndata: {data}\n\n"));
                 }
+                w.write_all(out.as_bytes())?;
+                w.flush()?;
+                std::thread::sleep(COALESCE);
+                continue;
             }
             Next::Reset { from, to } => {
                 let data =
