@@ -591,13 +591,14 @@ STAGE=$W/stage
 LATDIR=$RHOME/lat
 
 start_dispatch_watch() { # config log -> pid in WATCH_PID; 1 if it did not become ready
-  "$DISPATCH_BIN" -c "$1" -v watch >"$2" 2>&1 &
+  # WATCH_WRAP: a command the daemon runs under (valgrind)
+  ${WATCH_WRAP:-} "$DISPATCH_BIN" -c "$1" -v watch >"$2" 2>&1 &
   WATCH_PID=$!
   PIDS+=("$WATCH_PID")
   local i
   # ready = it logged "watching …" (info); the start-up scan is only logged at debug, which also
   # logs every file, so give the scan of a (small) dir half a second
-  for i in $(seq 600); do
+  for i in $(seq "${WATCH_READY_POLLS:-600}"); do
     if grep -q 'watching' "$2" 2>/dev/null; then nap 0.5; return 0; fi
     kill -0 $WATCH_PID 2>/dev/null || return 1
     nap 0.05
@@ -1112,6 +1113,7 @@ wl_status() {
       mv "$drop"/st-*.tgz "$src"/
     done
   done
+  [ "${STATUS_CALLGRIND:-0}" = 1 ] && status_callgrind "$src" "$drop" "$hosts_csv" "$saddr"
   local off on ratio
   off=$(med status off time)
   on=$(med status on time)
@@ -1135,6 +1137,59 @@ wl_status() {
   [ "$(count status off fail)$(count status on fail)" != 00 ] && md "" "Failed runs: off $(count status off fail), on $(count status on fail)."
   md "" "| target | measured | met |" "| --- | ---: | --- |"
   md "| on within 5 % of off (median of per-run ratios) | $(fmt "$ratio")× | $(yesno "$ratio" '<=' 1.05) |"
+  if [ -s "$W/res/status.off.instr" ]; then
+    local i_off i_idle i_on
+    i_off=$(head -1 "$W/res/status.off.instr"); i_idle=$(head -1 "$W/res/status.idle.instr"); i_on=$(head -1 "$W/res/status.on.instr")
+    md "" "Instructions the daemon executed (valgrind --tool=callgrind, one run per mode, ${NFILES_CG:-50} files × ${#HOSTS[@]} hosts; repeatable where wall time is not):" ""
+    md "| status server | instructions | ÷ off |" "| --- | ---: | ---: |"
+    md "| off | $i_off | 1.000 |"
+    md "| on, no client | $i_idle | $(calc "$i_idle / $i_off") |"
+    md "| on, client attached | $i_on | $(calc "$i_on / $i_off") |"
+    md "" "| target | measured | met |" "| --- | ---: | --- |"
+    md "| daemon instructions with a client within 5 % of off | $(calc "$i_on / $i_off")× | $(yesno "$(calc "$i_on / $i_off")" '<=' 1.05) |"
+  fi
+}
+
+# The same three modes once each with the daemon under callgrind, on the first NFILES_CG files:
+# the instructions it executed, which do not depend on what else the machine is doing.
+status_callgrind() { # src drop hosts_csv status_addr
+  local src=$1 drop=$2 hosts_csv=$3 saddr=$4 mode n=${NFILES_CG:-50} i
+  command -v valgrind >/dev/null || { log "status: no valgrind; instructions not counted"; return 0; }
+  local expected=$((n * ${#HOSTS[@]})) files=()
+  mapfile -t files < <(find "$src" -name 'st-*.tgz' | sort | head -n "$n")
+  for mode in off idle on; do
+    find "$RHOME/status" -mindepth 1 -delete
+    rm -rf "$W/state/status-$mode"
+    local listen=off; [ "$mode" != off ] && listen=$saddr
+    dispatch_config "$W/status-$mode.ini" 'st-' "$hosts_csv" "~/status/{host}/%Y%m%d_%H%M%S" \
+      'sha256sum {name} > {name}.installed' "$(printf 'watch = %s\nstatus_listen = %s' "$drop" "$listen")"
+    local out=$W/status.cg.$mode
+    WATCH_WRAP="valgrind --tool=callgrind --callgrind-out-file=$out.%p" WATCH_READY_POLLS=6000 \
+      start_dispatch_watch "$W/status-$mode.ini" "$W/status.cg.$mode.log" || { log "status callgrind ($mode): did not start"; stop_pid "$WATCH_PID"; continue; }
+    local sse_pid=''
+    if [ "$mode" = on ]; then
+      curl -sN "http://$saddr/api/v1/events" >"$W/status.cg.sse" 2>/dev/null &
+      sse_pid=$!
+      PIDS+=("$sse_pid")
+      for i in $(seq 600); do [ "$(status_clients "$saddr")" = 1 ] && break; nap 0.1; done
+    fi
+    mv "${files[@]}" "$drop"/
+    local done_n=0
+    for i in $(seq 6000); do # ≤ 10 min
+      done_n=$(journal_count "$W/state/status-$mode")
+      [ "$done_n" != - ] && [ "$done_n" -ge "$expected" ] && break
+      nap 0.1
+    done
+    [ -n "$sse_pid" ] && stop_pid "$sse_pid"
+    kill -TERM "$WATCH_PID" 2>/dev/null || true
+    for i in $(seq 1200); do kill -0 "$WATCH_PID" 2>/dev/null || break; nap 0.1; done
+    local instr
+    instr=$(cat "$out".* 2>/dev/null | awk '/^summary:/ { s += $2 } /^totals:/ { t += $2 } END { print (s ? s : t) }')
+    log "status callgrind ($mode): $done_n of $expected done, $instr instructions"
+    [ -n "$instr" ] && [ "$done_n" -ge "$expected" ] && rec status "$mode" instr "$instr"
+    local f
+    for f in "${files[@]}"; do mv "$drop/$(basename "$f")" "$src"/; done
+  done
 }
 
 # ================================================================= main

@@ -78,6 +78,11 @@ impl Event {
     /// `Finished` is the result object itself ([`Outcome`]); here it is
     /// `{"event": "finished", "state", "ok"}` for a reader of events only.
     pub fn to_json(&self) -> serde_json::Value {
+        self.to_json_at(chrono::Utc::now())
+    }
+
+    /// [`Event::to_json`] for an event that happened `at`.
+    pub fn to_json_at(&self, at: chrono::DateTime<chrono::Utc>) -> serde_json::Value {
         use serde_json::json;
         let (name, fields) = match &self.kind {
             EventKind::Queued => ("queued", json!({})),
@@ -123,7 +128,7 @@ impl Event {
             "event": name,
             "file": self.file,
             "host": self.host,
-            "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "at": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         });
         if let (Some(obj), serde_json::Value::Object(extra)) = (v.as_object_mut(), fields) {
             obj.extend(extra);

@@ -15,7 +15,7 @@ mod metrics;
 pub mod server;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -42,11 +42,11 @@ pub struct Status {
 struct State {
     /// The number of the last event.
     seq: u64,
-    /// (number, event as JSON), oldest first.
-    log: VecDeque<(u64, String)>,
+    /// (number, event), oldest first; made JSON only when a client reads it.
+    log: VecDeque<(u64, Logged)>,
     in_flight: BTreeMap<Key, Flight>,
-    recent: VecDeque<Value>,
-    hosts: BTreeMap<String, Value>,
+    recent: VecDeque<Done>,
+    hosts: BTreeMap<String, Done>,
     parked: BTreeMap<(i64, String), Value>,
     queue: Queue,
     closed: bool,
@@ -57,6 +57,83 @@ struct State {
 
 /// (package, file, host).
 type Key = (Option<i64>, String, String);
+
+type At = chrono::DateTime<chrono::Utc>;
+
+/// One entry of the event log.
+#[derive(Clone)]
+enum Logged {
+    /// A delivery's event, as it happened.
+    Event(Arc<Event>, At),
+    /// A daemon-level event, already JSON.
+    Note(Arc<str>),
+}
+
+impl Logged {
+    fn text(&self) -> String {
+        match self {
+            Logged::Note(t) => t.to_string(),
+            // the most frequent large one, serialized straight to text
+            Logged::Event(e, at) => match &e.kind {
+                EventKind::Finished(o) => serde_json::to_string(&FinishedOut {
+                    event: "finished",
+                    at: rfc3339(*at),
+                    package: o.package,
+                    success: o.ok,
+                    outcome: o,
+                })
+                .unwrap_or_default(),
+                _ => event_json(e, *at).to_string(),
+            },
+        }
+    }
+}
+
+/// `finished` on the stream: the same object as [`event_json`] makes.
+#[derive(serde::Serialize)]
+struct FinishedOut<'a> {
+    event: &'static str,
+    at: String,
+    package: Option<i64>,
+    success: bool,
+    #[serde(flatten)]
+    outcome: &'a Outcome,
+}
+
+/// A finished file × host, for the snapshot.
+#[derive(Clone)]
+struct Done(Arc<Outcome>, At);
+
+impl Done {
+    fn to_json(&self) -> Value {
+        result_json(&self.0, self.1)
+    }
+}
+
+/// The result object of `--json`, with its package and time.
+fn result_json(o: &Outcome, at: At) -> Value {
+    let mut r = serde_json::to_value(o).unwrap_or_else(|_| json!({}));
+    if let Some(obj) = r.as_object_mut() {
+        obj.insert("package".into(), json!(o.package));
+        obj.insert("at".into(), json!(rfc3339(at)));
+    }
+    r
+}
+
+/// An event as the stream sends it: [`Event::to_json_at`], its package and,
+/// for `finished`, the whole result.
+fn event_json(e: &Event, at: At) -> Value {
+    let mut v = e.to_json_at(at);
+    if let (EventKind::Finished(o), Some(obj)) = (&e.kind, v.as_object_mut()) {
+        if let Value::Object(fields) = result_json(o, at) {
+            obj.extend(fields);
+        }
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("package".into(), json!(e.package));
+    }
+    v
+}
 
 /// The daemon's queue, as it last said.
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -99,7 +176,7 @@ fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
 
 /// What an SSE client gets next.
 pub enum Next {
-    /// Events after the client's cursor (the cursor is moved).
+    /// Events after the client's cursor, as JSON (the cursor is moved).
     Events(Vec<(u64, String)>),
     /// The client asked for events older than the log keeps: it should
     /// reload the snapshot; the cursor is moved to now.
@@ -132,13 +209,13 @@ impl Status {
 
     /// Number the event (its SSE `id:`), keep it, wake the SSE clients.
     fn record(&self, st: &mut State, v: &Value) {
-        self.record_text(st, v.to_string());
+        self.log(st, Logged::Note(Arc::from(v.to_string())));
     }
 
-    fn record_text(&self, st: &mut State, text: String) {
+    fn log(&self, st: &mut State, entry: Logged) {
         st.seq += 1;
         let seq = st.seq;
-        st.log.push_back((seq, text));
+        st.log.push_back((seq, entry));
         while st.log.len() > LOG_CAPACITY {
             st.log.pop_front();
         }
@@ -222,8 +299,8 @@ impl Status {
                       "retries": st.queue.retries, "in_flight": in_flight.len()},
             "in_flight": in_flight,
             "parked": st.parked.values().cloned().collect::<Vec<_>>(),
-            "recent": st.recent.iter().cloned().collect::<Vec<_>>(),
-            "hosts": st.hosts,
+            "recent": st.recent.iter().map(Done::to_json).collect::<Vec<_>>(),
+            "hosts": st.hosts.iter().map(|(h, d)| (h.clone(), d.to_json())).collect::<serde_json::Map<_, _>>(),
         })
     }
 
@@ -242,14 +319,16 @@ impl Status {
                     *cursor = st.seq;
                     return Next::Reset { from, to: oldest };
                 }
-                let events: Vec<(u64, String)> = st
+                let entries: Vec<(u64, Logged)> = st
                     .log
                     .iter()
                     .filter(|(n, _)| *n > *cursor)
                     .cloned()
                     .collect();
                 *cursor = st.seq;
-                return Next::Events(events);
+                // made JSON without the lock held
+                drop(st);
+                return Next::Events(entries.into_iter().map(|(n, l)| (n, l.text())).collect());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -276,7 +355,7 @@ impl Status {
         self.changed.notify_all();
     }
 
-    fn on_event(&self, st: &mut State, e: &Event, result: Option<&Value>) {
+    fn on_event(&self, st: &mut State, e: &Event, done: Option<(&Arc<Outcome>, At)>) {
         let key: Key = (e.package, e.file.clone(), e.host.clone());
         let now = Instant::now();
         if let EventKind::Queued = e.kind {
@@ -295,8 +374,8 @@ impl Status {
                 },
             );
         }
-        if let (EventKind::Finished(o), Some(r)) = (&e.kind, result) {
-            self.finished(st, &key, o, r);
+        if let Some((o, at)) = done {
+            self.finished(st, &key, o, at);
             return;
         }
         let Some(f) = st.in_flight.get_mut(&key) else {
@@ -344,7 +423,7 @@ impl Status {
         }
     }
 
-    fn finished(&self, st: &mut State, key: &Key, o: &Outcome, result: &Value) {
+    fn finished(&self, st: &mut State, key: &Key, o: &Arc<Outcome>, at: At) {
         if let Some(f) = st.in_flight.remove(key) {
             if let Some(t) = f.install_started {
                 self.metrics.step("install", t.elapsed());
@@ -352,7 +431,7 @@ impl Status {
             self.metrics.step("delivery", f.queued.elapsed());
         }
         self.metrics.delivery(o);
-        let v = result.clone();
+        let v = Done(Arc::clone(o), at);
         st.hosts.insert(o.host.clone(), v.clone());
         st.recent.push_front(v);
         st.recent.truncate(RECENT);
@@ -360,30 +439,18 @@ impl Status {
 }
 
 impl Sink for Status {
-    /// The JSON is made before the lock is taken: lanes emitting at once
-    /// wait on each other only for the bookkeeping.
+    /// Cheap: the event is kept as it is (JSON is made only for a client
+    /// that reads it, or a snapshot).
     fn on(&self, e: &Event) {
-        let mut v = e.to_json();
-        let mut result = None;
-        if let EventKind::Finished(o) = &e.kind {
-            // the whole result, like `--json`'s result lines
-            let mut r = serde_json::to_value(o).unwrap_or_else(|_| json!({}));
-            if let Some(obj) = r.as_object_mut() {
-                obj.insert("package".into(), json!(o.package));
-                obj.insert("at".into(), v["at"].clone());
-            }
-            if let (Some(obj), Value::Object(fields)) = (v.as_object_mut(), &r) {
-                obj.extend(fields.clone());
-            }
-            result = Some(r);
-        }
-        if let Some(obj) = v.as_object_mut() {
-            obj.insert("package".into(), json!(e.package));
-        }
-        let text = v.to_string();
+        let at = chrono::Utc::now();
+        let e = Arc::new(e.clone());
+        let done = match &e.kind {
+            EventKind::Finished(o) => Some(Arc::new((**o).clone())),
+            _ => None,
+        };
         let mut st = self.lock();
-        self.on_event(&mut st, e, result.as_ref());
-        self.record_text(&mut st, text);
+        self.on_event(&mut st, &e, done.as_ref().map(|o| (o, at)));
+        self.log(&mut st, Logged::Event(e, at));
     }
 }
 
@@ -438,5 +505,32 @@ mod tests {
             }
             _ => panic!("expected a reset"),
         }
+    }
+
+    #[test]
+    fn a_finished_event_is_the_same_object_either_way() {
+        let item = crate::plan::Item {
+            path: "/d/a b.tgz".into(),
+            name: "a b.tgz".into(),
+            route: 0,
+            groups: Default::default(),
+            package: Some(7),
+            only_hosts: None,
+            file: None,
+            resume: Default::default(),
+            stale_temps: Default::default(),
+        };
+        let mut o = Outcome::failed(&item, "h", "sec", "boom");
+        o.output_tail = Some("line\n\"quoted\"".into());
+        let e = Event {
+            package: Some(7),
+            file: "a b.tgz".into(),
+            host: "h".into(),
+            kind: EventKind::Finished(Box::new(o)),
+        };
+        let at = chrono::Utc::now();
+        let fast: Value =
+            serde_json::from_str(&Logged::Event(Arc::new(e.clone()), at).text()).unwrap();
+        assert_eq!(fast, event_json(&e, at));
     }
 }
