@@ -309,7 +309,11 @@ const OPTIONS_THAT_APPLY: &[(&str, &[&str])] = &[
 /// The command line for help, man pages and completions: each
 /// subcommand showing only the options that apply to it.
 pub fn command() -> clap::Command {
-    let mut cmd = <Cli as clap::CommandFactory>::command();
+    only_what_applies(<Cli as clap::CommandFactory>::command())
+}
+
+/// `cmd` built, its subcommands' inapplicable global options hidden.
+fn only_what_applies(mut cmd: clap::Command) -> clap::Command {
     // propagates the global options into the subcommands
     cmd.build();
     let globals: Vec<String> = <Global as clap::Args>::augment_args(clap::Command::new("g"))
@@ -757,8 +761,24 @@ fn explain(g: &Global, files: &[PathBuf]) -> Result<u8, Error> {
                 );
             }
         }
+        if r.route.is_rollout() {
+            explain_rollout(&mut out, g, &name, r.route);
+        }
     }
     Ok(if unrouted { code::UNROUTED } else { code::OK })
+}
+
+/// The waves, hooks and gates a route's rollout runs.
+fn explain_rollout(out: &mut impl Write, g: &Global, name: &str, r: &crate::config::Route) {
+    let lines = crate::rollout::describe(r);
+    if g.json {
+        let v = serde_json::json!({"file": name, "section": r.section, "rollout": lines});
+        let _ = writeln!(out, "{v}");
+    } else {
+        for l in lines {
+            let _ = writeln!(out, "    {l}");
+        }
+    }
 }
 
 /// `check`: the config (all its problems at once), then with `--connect`
@@ -974,11 +994,10 @@ fn history(g: &Global, filter: journal::HistoryFilter) -> Result<u8, Error> {
 /// `dispatch man [DIR]`: the man pages, made from the command line's own
 /// definition (so they cannot drift from `--help`).
 fn man(dir: Option<PathBuf>) -> Result<u8, Error> {
-    let cmd = command();
     match dir {
         None => {
             let mut out = std::io::stdout().lock();
-            clap_mangen::Man::new(cmd)
+            clap_mangen::Man::new(command())
                 .render(&mut out)
                 .map_err(|cause| Error::ManPage { dir: None, cause })?;
         }
@@ -992,8 +1011,7 @@ fn man(dir: Option<PathBuf>) -> Result<u8, Error> {
             fn no_help(c: clap::Command) -> clap::Command {
                 c.disable_help_subcommand(true).mut_subcommands(no_help)
             }
-            let mut cmd = no_help(cmd);
-            cmd.build();
+            let cmd = only_what_applies(no_help(<Cli as clap::CommandFactory>::command()));
             clap_mangen::generate_to(cmd, &dir).map_err(failed)?;
         }
     }

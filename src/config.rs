@@ -154,6 +154,97 @@ pub enum Ftps {
     Implicit,
 }
 
+/// A number of hosts: a count, or a percentage of the route's hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCount {
+    Hosts(usize),
+    Percent(u32),
+}
+
+impl HostCount {
+    /// Of `n` hosts: a percentage rounds up (at least 1 when `n` > 0).
+    pub fn of(self, n: usize) -> usize {
+        match self {
+            HostCount::Hosts(k) => k.min(n),
+            HostCount::Percent(p) => {
+                let k = (n * p as usize).div_ceil(100);
+                k.clamp(usize::from(n > 0), n)
+            }
+        }
+    }
+
+    /// Of `n` hosts, rounding a percentage down (a failure budget).
+    pub fn of_floor(self, n: usize) -> usize {
+        match self {
+            HostCount::Hosts(k) => k,
+            HostCount::Percent(p) => n * p as usize / 100,
+        }
+    }
+}
+
+impl fmt::Display for HostCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostCount::Hosts(k) => write!(f, "{k}"),
+            HostCount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How a route's hosts are rolled out (`strategy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every host at once (the default).
+    Parallel,
+    /// One host after the other.
+    Serial,
+    /// Waves of this many hosts.
+    Batch(HostCount),
+    /// Waves up to these cumulative sizes (`canary:1,25%,100%`); hosts past
+    /// the last one form a final wave.
+    Canary(Vec<HostCount>),
+}
+
+impl Strategy {
+    /// `hosts` in waves, in their order in the config.
+    pub fn waves<T: Clone>(&self, hosts: &[T]) -> Vec<Vec<T>> {
+        let n = hosts.len();
+        let mut cuts: Vec<usize> = match self {
+            Strategy::Parallel => vec![n],
+            Strategy::Serial => (1..=n).collect(),
+            Strategy::Batch(size) => {
+                let k = size.of(n).max(1);
+                (1..=n.div_ceil(k)).map(|i| (i * k).min(n)).collect()
+            }
+            Strategy::Canary(sizes) => sizes.iter().map(|s| s.of(n)).collect(),
+        };
+        cuts.push(n);
+        let mut waves = Vec::new();
+        let mut from = 0;
+        for c in cuts {
+            if c > from {
+                waves.push(hosts[from..c].to_vec());
+                from = c;
+            }
+        }
+        waves
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Strategy::Parallel => f.write_str("parallel"),
+            Strategy::Serial => f.write_str("serial"),
+            Strategy::Batch(k) => write!(f, "batch:{k}"),
+            Strategy::Canary(list) => {
+                let l: Vec<String> = list.iter().map(ToString::to_string).collect();
+                write!(f, "canary:{}", l.join(","))
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verify {
     Size,
@@ -208,6 +299,43 @@ pub struct Route {
     pub install_timeout: Duration,
     pub retries: u32,
     pub retry_delay: Duration,
+    /// Rollouts ([`crate::rollout`]).
+    pub strategy: Strategy,
+    /// Host failures tolerated before the rollout stops (`None`: 0 unless
+    /// the strategy is parallel).
+    pub max_failures: Option<HostCount>,
+    pub pre_local: Option<String>,
+    pub post_local: Option<String>,
+    pub pre_remote: Option<String>,
+    pub post_remote: Option<String>,
+    pub hook_timeout: Duration,
+    pub health_check: Option<String>,
+    pub health_remote: Option<String>,
+    pub health_timeout: Duration,
+    pub health_interval: Duration,
+    pub health_passes: u32,
+}
+
+impl Route {
+    /// The route needs the rollout driver: waves, gates or hooks.
+    pub fn is_rollout(&self) -> bool {
+        self.strategy != Strategy::Parallel
+            || self.pre_local.is_some()
+            || self.post_local.is_some()
+            || self.pre_remote.is_some()
+            || self.post_remote.is_some()
+            || self.health_check.is_some()
+            || self.health_remote.is_some()
+    }
+
+    /// Host failures the rollout goes on after.
+    pub fn failures_allowed(&self) -> usize {
+        match (self.max_failures, &self.strategy) {
+            (Some(m), _) => m.of_floor(self.hosts.len()),
+            (None, Strategy::Parallel) => self.hosts.len(),
+            (None, _) => 0,
+        }
+    }
 }
 
 /// The `[dispatch]` section: global settings.
@@ -392,6 +520,67 @@ pub fn file_mode(path: &Path) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strategies_make_waves_in_host_order() {
+        let hosts: Vec<u32> = (1..=10).collect();
+        let w = |st: &str| -> Vec<usize> {
+            let c = parse(&format!("[x]\nhost = h\nstrategy = {st}\n")).unwrap();
+            c.routes[0]
+                .strategy
+                .waves(&hosts)
+                .iter()
+                .map(Vec::len)
+                .collect()
+        };
+        assert_eq!(w("parallel"), vec![10]);
+        assert_eq!(w("serial"), vec![1; 10]);
+        assert_eq!(w("batch:4"), vec![4, 4, 2]);
+        assert_eq!(w("batch:25%"), vec![3, 3, 3, 1]);
+        assert_eq!(w("canary:1,25%,100%"), vec![1, 2, 7]);
+        assert_eq!(w("canary:1,5"), vec![1, 4, 5]);
+        assert_eq!(w("canary:1%"), vec![1, 9]);
+        let all: Vec<u32> = parse("[x]\nhost = h\nstrategy = canary:2,50%\n")
+            .unwrap()
+            .routes[0]
+            .strategy
+            .waves(&hosts)
+            .concat();
+        assert_eq!(all, hosts, "every host once, in order");
+        for bad in [
+            "batch:0",
+            "batch:",
+            "canary:",
+            "canary:1,0",
+            "rolling",
+            "batch:101%",
+            "serial:2",
+        ] {
+            assert!(
+                parse(&format!("[x]\nhost = h\nstrategy = {bad}\n")).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn failures_allowed_count_down_and_default_to_none_but_for_parallel() {
+        let allowed = |extra: &str| {
+            parse(&format!("[x]\nhost = a, b, c, d\n{extra}\n"))
+                .unwrap()
+                .routes[0]
+                .failures_allowed()
+        };
+        assert_eq!(allowed(""), 4);
+        assert_eq!(allowed("strategy = serial"), 0);
+        assert_eq!(allowed("strategy = serial\nmax_failures = 1"), 1);
+        assert_eq!(allowed("strategy = serial\nmax_failures = 49%"), 1);
+        assert_eq!(allowed("strategy = serial\nmax_failures = 50%"), 2);
+        assert!(
+            parse("[x]\nhost = h\npre_local = drain {name}\n").is_err(),
+            "a hook names no file"
+        );
+    }
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("t.ini"), t)

@@ -24,6 +24,7 @@ use crate::event::{Bus, Event, EventKind, JournalSink, LogSink, Sink};
 use crate::journal::{Journal, State};
 use crate::lock::{self, Lock};
 use crate::plan::{self, Delivery, Step};
+use crate::rollout;
 use crate::route::{self, remote_join, shell_quote, Routed};
 use crate::script::{install_script, publish_script, verify_script, CANNOT_CD, VERIFY_FAILED};
 use crate::transport::error::joined;
@@ -87,6 +88,7 @@ struct HostState {
     unusable: Vec<(Transport, TransferError)>,
 }
 
+#[derive(Clone)]
 pub struct Batch {
     pub config: Arc<Config>,
     pub netrc: Arc<Netrc>,
@@ -100,17 +102,57 @@ pub struct Batch {
 impl Batch {
     /// Dispatch `items` to every host of their routes on `pool`; one
     /// [`Outcome`] per file × host is sent to `out` as it completes.
+    ///
+    /// Routes with a rollout (a strategy other than parallel, hooks or a
+    /// health check) go host by host, wave by wave, on a thread of their own
+    /// ([`Rollout`]); the others start at once.
     pub fn run(&self, items: Vec<Item>, pool: &threadpool::ThreadPool, out: Sender<Outcome>) {
         let bus = Arc::new(self.bus());
-        for c in plan::plan(&self.config, &items).connections {
+        let (rolled, plain): (Vec<Item>, Vec<Item>) = items
+            .into_iter()
+            .partition(|i| self.config.routes[i.route].is_rollout());
+        for c in plan::plan(&self.config, &plain).connections {
+            queued(&bus, &c);
+            self.start_lanes(c, &bus, pool, out.clone(), false);
+        }
+        let mut by_route: BTreeMap<usize, Vec<Item>> = BTreeMap::new();
+        for i in rolled {
+            by_route.entry(i.route).or_default().push(i);
+        }
+        for (route, items) in by_route {
+            let conns = plan::plan(&self.config, &items).connections;
+            for c in &conns {
+                queued(&bus, c);
+            }
+            let r = Rollout {
+                batch: self.clone(),
+                route,
+                bus: Arc::clone(&bus),
+                pool: pool.clone(),
+                out: out.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name("rollout".into())
+                .spawn(move || r.run(conns));
+            if let Err(e) = spawned {
+                log::error!("cannot start the rollout of route {route}: {e}");
+            }
+        }
+    }
+
+    /// The lanes of one connection, on `pool`; each outcome goes to `out`
+    /// (dropped when the last lane ends).
+    fn start_lanes(
+        &self,
+        c: plan::Connection,
+        bus: &Arc<Bus>,
+        pool: &threadpool::ThreadPool,
+        out: Sender<Outcome>,
+        hold_end: bool,
+    ) {
+        {
             let (tx, rx) = crossbeam_channel::unbounded();
             for d in c.deliveries {
-                bus.emit(&Event {
-                    package: d.item.package,
-                    file: d.item.name.clone(),
-                    host: c.host.clone(),
-                    kind: EventKind::Queued,
-                });
                 let _ = tx.send(d);
             }
             drop(tx);
@@ -126,7 +168,7 @@ impl Batch {
                 let lane = Lane {
                     config: Arc::clone(&self.config),
                     netrc: Arc::clone(&self.netrc),
-                    bus: Arc::clone(&bus),
+                    bus: Arc::clone(bus),
                     when: self.when,
                     dry_run: self.dry_run,
                     group: Arc::clone(&group),
@@ -136,11 +178,202 @@ impl Batch {
                     leftovers: Vec::new(),
                     steps: Vec::new(),
                     current: (None, String::new()),
+                    hold_end,
                 };
                 let out = out.clone();
                 pool.execute(move || lane.drain(out));
             }
         }
+    }
+}
+
+/// Every delivery of `c` is queued.
+fn queued(bus: &Bus, c: &plan::Connection) {
+    for d in &c.deliveries {
+        bus.emit(&Event {
+            package: d.item.package,
+            file: d.item.name.clone(),
+            host: c.host.clone(),
+            kind: EventKind::Queued,
+        });
+    }
+}
+
+/// One route's rollout: its hosts in waves ([`crate::config::Strategy::waves`]),
+/// each host through its gates ([`rollout::run_host`]); once more hosts
+/// failed than `max_failures` allows, no new host starts and the rest are
+/// reported `skipped`.
+struct Rollout {
+    batch: Batch,
+    route: usize,
+    bus: Arc<Bus>,
+    pool: threadpool::ThreadPool,
+    out: Sender<Outcome>,
+}
+
+impl Rollout {
+    fn run(self, mut conns: Vec<plan::Connection>) {
+        let config = Arc::clone(&self.batch.config);
+        let route = &config.routes[self.route];
+        let order = |h: &str| {
+            route
+                .hosts
+                .iter()
+                .position(|x| x == h)
+                .unwrap_or(usize::MAX)
+        };
+        conns.sort_by_key(|c| order(&c.host));
+        let waves = route.strategy.waves(&conns);
+        let allowed = route.failures_allowed();
+        let id = format!(
+            "{}-{}-{}",
+            self.batch.when.format("%Y%m%dT%H%M%S"),
+            std::process::id(),
+            self.route
+        );
+        let (mut failed, n) = (0, waves.len());
+        for (i, wave) in waves.into_iter().enumerate() {
+            if failed > allowed {
+                wave.iter().for_each(|c| self.skip(c, failed, allowed));
+                continue;
+            }
+            let hosts: Vec<&str> = wave.iter().map(|c| c.host.as_str()).collect();
+            log::info!(
+                "{}: rollout {id}: wave {} of {n}: {}",
+                route.section,
+                i + 1,
+                hosts.join(", ")
+            );
+            failed += std::thread::scope(|s| {
+                let running: Vec<_> = wave
+                    .into_iter()
+                    .map(|c| s.spawn(|| self.host(c, &id)))
+                    .collect();
+                // a host whose thread died counts as failed
+                running
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or(true))
+                    .filter(|f| *f)
+                    .count()
+            });
+        }
+        if failed > allowed {
+            log::error!(
+                "{}: rollout {id} stopped: {failed} host(s) failed, max_failures allows {allowed}",
+                route.section
+            );
+        }
+    }
+
+    /// One host through its gates; true when it failed.
+    fn host(&self, c: plan::Connection, id: &str) -> bool {
+        let config = Arc::clone(&self.batch.config);
+        let route = &config.routes[self.route];
+        let host = c.host.clone();
+        let items: Vec<Item> = c.deliveries.iter().map(|d| d.item.clone()).collect();
+        let run = rollout::HostRun {
+            route,
+            host: &host,
+            rollout: id,
+        };
+        let target = ssh_target_of(route, &host, &self.batch.netrc);
+        let mut session: Option<SshSession> = None;
+        let mut remote = |cmd: &str, limit: std::time::Duration| {
+            remote_command(&mut session, &target, cmd, limit)
+        };
+        let mut outcomes = Vec::new();
+        let gates = rollout::run_host(&run, &mut remote, || {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            self.batch.start_lanes(c, &self.bus, &self.pool, tx, true);
+            outcomes = rx.iter().collect();
+            outcomes.len() == items.len() && outcomes.iter().all(|o: &Outcome| o.ok)
+        });
+        if let Some(why) = &gates.before {
+            for it in &items {
+                self.finish(Outcome::failed(it, &host, &route.section, why));
+            }
+            return true;
+        }
+        let mut failed = outcomes.len() < items.len() || gates.after.is_some();
+        for mut o in outcomes {
+            failed |= !o.ok;
+            if let (Some(why), true) = (&gates.after, o.ok) {
+                o.ok = false;
+                o.error = Some(format!("{} was done, but {why}", o.state));
+                o.state = "failed".into();
+            }
+            // the lanes held the end back: told now, once
+            self.finish(o);
+        }
+        failed
+    }
+
+    /// The end of a delivery: on the bus (journal, console…), then to the caller.
+    fn finish(&self, o: Outcome) {
+        self.bus.emit(&Event {
+            package: o.package,
+            file: o.file.clone(),
+            host: o.host.clone(),
+            kind: EventKind::Finished(Box::new(o.clone())),
+        });
+        let _ = self.out.send(o);
+    }
+
+    fn skip(&self, c: &plan::Connection, failed: usize, allowed: usize) {
+        let route = &self.batch.config.routes[self.route];
+        let why = format!(
+            "not started: the rollout stopped after {failed} failed host(s) (max_failures allows {allowed})"
+        );
+        for d in &c.deliveries {
+            let mut o = Outcome::failed(&d.item, &c.host, &route.section, &why);
+            o.state = "skipped".into();
+            self.finish(o);
+        }
+    }
+}
+
+/// Run `cmd` on the host over `session` (opened, or opened again, as needed).
+fn remote_command(
+    session: &mut Option<SshSession>,
+    target: &SshTarget,
+    cmd: &str,
+    limit: std::time::Duration,
+) -> Result<(), String> {
+    if !session.as_ref().is_some_and(SshSession::is_alive) {
+        *session = Some(SshSession::connect(target).map_err(|e| e.to_string())?);
+    }
+    let Some(s) = session.as_mut() else {
+        return Err("no SSH session".into());
+    };
+    let out = s.exec(cmd, limit).map_err(|e| e.to_string())?;
+    if out.success() {
+        return Ok(());
+    }
+    let last = out
+        .output
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    Err(match &out.signal {
+        Some(sig) => format!("killed by {sig}: {last}"),
+        None => format!("failed (exit status: {}): {last}", out.status),
+    })
+}
+
+/// The SSH target for `host` of `route`.
+fn ssh_target_of(route: &Route, host: &str, netrc: &Netrc) -> SshTarget {
+    let creds = credentials::resolve(route, host, netrc);
+    SshTarget {
+        host: host.to_string(),
+        port: route.port,
+        login: creds.login,
+        password: creds.password,
+        identity_file: route.identity_file.clone(),
+        host_key_check: route.host_key_check,
+        known_hosts: route.known_hosts.clone(),
+        connect_timeout: route.connect_timeout,
+        io_timeout: route.io_timeout,
     }
 }
 
@@ -181,6 +414,9 @@ struct Lane {
     /// The plan's steps of the delivery in hand, and its package and name.
     steps: Vec<Step>,
     current: (Option<i64>, String),
+    /// A rollout's host: its gates may still fail it, so the end of each
+    /// delivery is told by the rollout, not by the lane.
+    hold_end: bool,
 }
 
 /// A verified upload, under its final name on the host.
@@ -293,18 +529,7 @@ impl Lane {
     }
 
     fn ssh_target(&self, route: &Route) -> SshTarget {
-        let creds = credentials::resolve(route, &self.group.host, &self.netrc);
-        SshTarget {
-            host: self.group.host.clone(),
-            port: route.port,
-            login: creds.login,
-            password: creds.password,
-            identity_file: route.identity_file.clone(),
-            host_key_check: route.host_key_check,
-            known_hosts: route.known_hosts.clone(),
-            connect_timeout: route.connect_timeout,
-            io_timeout: route.io_timeout,
-        }
+        ssh_target_of(route, &self.group.host, &self.netrc)
     }
 
     fn unusable(&self, t: Transport) -> Option<TransferError> {
@@ -436,7 +661,9 @@ impl Lane {
     /// Fill in the elapsed time and emit the end.
     fn finish(&self, item: &Item, mut o: Outcome, started: Instant) -> Outcome {
         o.elapsed_ms = started.elapsed().as_millis() as u64;
-        self.emit(item, EventKind::Finished(Box::new(o.clone())));
+        if !self.hold_end {
+            self.emit(item, EventKind::Finished(Box::new(o.clone())));
+        }
         o
     }
 

@@ -27,6 +27,7 @@ pub mod notify;
 pub mod plan;
 pub mod progress;
 pub mod retry;
+pub mod rollout;
 pub mod route;
 pub mod script;
 pub mod spool;

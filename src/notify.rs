@@ -290,8 +290,10 @@ fn post(url: &str, secret: Option<&Secret>, n: &Notification) -> Result<(), Stri
 }
 
 fn run_command(cmd: &str, n: &Notification) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new("/bin/sh")
         .args(["-c", cmd])
+        .process_group(0)
         .env("DISPATCH_NOTIFICATION_ID", n.id.to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -315,8 +317,7 @@ fn run_command(cmd: &str, n: &Notification) -> Result<(), String> {
         match child.try_wait() {
             Ok(Some(s)) => break s,
             Ok(None) if started.elapsed() > SEND_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
+                crate::rollout::kill_group(&mut child);
                 return Err(format!(
                     "notify_command killed after {}s",
                     SEND_TIMEOUT.as_secs()

@@ -12,11 +12,11 @@ use regex::Regex;
 use super::ini::{RawEntry, RawSection};
 use super::values::{
     check_strftime, count_within, did_you_mean, duration_within, expand_home, non_empty,
-    parse_after, parse_bool, parse_ftps, parse_host_key_check, parse_passive, parse_port,
-    parse_transfer, parse_verify, show_duration, split_list, JOBS, MAX_DELAY, MAX_RETRIES,
-    MAX_TIMEOUT, SESSIONS_PER_HOST,
+    parse_after, parse_bool, parse_ftps, parse_host_count, parse_host_key_check, parse_passive,
+    parse_port, parse_strategy, parse_transfer, parse_verify, show_duration, split_list, JOBS,
+    MAX_DELAY, MAX_RETRIES, MAX_TIMEOUT, SESSIONS_PER_HOST,
 };
-use super::{After, Ftps, HostKeyCheck, Problem, Route, Secret, Settings, Verify};
+use super::{After, Ftps, HostKeyCheck, Problem, Route, Secret, Settings, Strategy, Verify};
 use crate::template::{check_placeholder_quoting, placeholders, Unquotable, BUILTIN_PLACEHOLDERS};
 use KeyDefault::{Computed, Required, Text, Unset};
 
@@ -229,7 +229,100 @@ pub const ROUTE_KEYS: &[Key<Route>] = &[
         help: "First delay before a retry (then doubled), at most 1h.",
         set: |r, v, _| put(&mut r.retry_delay, duration_within(v, false, MAX_DELAY)),
     },
+    Key {
+        name: "strategy",
+        default: Text("parallel"),
+        help: "Rollout: parallel, serial, batch:N, batch:N%, canary:LIST (cumulative, e.g. 1,25%,100%).",
+        set: |r, v, _| put(&mut r.strategy, parse_strategy(v)),
+    },
+    Key {
+        name: "max_failures",
+        default: Unset,
+        help: "Rollout: host failures (N or N% of the hosts) it goes on after; one more stops it.",
+        set: |r, v, _| put(&mut r.max_failures, parse_host_count(v).map(Some)),
+    },
+    Key {
+        name: "pre_local",
+        default: Unset,
+        help: "Rollout: run here before a host is touched (drain it); {host}, {section}.",
+        set: |r, v, s| set_hook(&mut r.pre_local, "pre_local", v, s),
+    },
+    Key {
+        name: "post_local",
+        default: Unset,
+        help: "Rollout: run here once the host is done and healthy (undrain it).",
+        set: |r, v, s| set_hook(&mut r.post_local, "post_local", v, s),
+    },
+    Key {
+        name: "pre_remote",
+        default: Unset,
+        help: "Rollout: run on the host before its files (stop the service).",
+        set: |r, v, s| set_hook(&mut r.pre_remote, "pre_remote", v, s),
+    },
+    Key {
+        name: "post_remote",
+        default: Unset,
+        help: "Rollout: run on the host after its files are installed (start the service).",
+        set: |r, v, s| set_hook(&mut r.post_remote, "post_remote", v, s),
+    },
+    Key {
+        name: "hook_timeout",
+        default: Text("60s"),
+        help: "Each pre_/post_ hook's deadline.",
+        set: |r, v, _| put(&mut r.hook_timeout, timeout(v)),
+    },
+    Key {
+        name: "health_check",
+        default: Unset,
+        help: "Rollout: run here until it succeeds, after a host's files (curl -fsS http://{host}:8080/health).",
+        set: |r, v, s| set_hook(&mut r.health_check, "health_check", v, s),
+    },
+    Key {
+        name: "health_remote",
+        default: Unset,
+        help: "Rollout: a health check run on the host instead.",
+        set: |r, v, s| set_hook(&mut r.health_remote, "health_remote", v, s),
+    },
+    Key {
+        name: "health_timeout",
+        default: Text("60s"),
+        help: "One deadline for a host's health check to pass, however many tries.",
+        set: |r, v, _| put(&mut r.health_timeout, timeout(v)),
+    },
+    Key {
+        name: "health_interval",
+        default: Text("2s"),
+        help: "Between two health check tries.",
+        set: |r, v, _| put(&mut r.health_interval, duration_within(v, false, MAX_DELAY)),
+    },
+    Key {
+        name: "health_passes",
+        default: Text("1"),
+        help: "Consecutive passing tries a host needs, 1-100.",
+        set: |r, v, _| put(&mut r.health_passes, count_within(v, 1..=MAX_RETRIES)),
+    },
 ];
+
+/// What a host-level hook (`pre_local`, `health_check`, …) may name: the
+/// host and the section (it runs once per host, not per file).
+pub const HOOK_PLACEHOLDERS: &[&str] = &["host", "section"];
+
+fn set_hook(slot: &mut Option<String>, key: &str, v: &str, _: &Scope) -> Result<(), Bad> {
+    *slot = non_empty(v);
+    let mut bad = Vec::new();
+    if let Err(u) = check_placeholder_quoting(v, HOOK_PLACEHOLDERS) {
+        bad.push(unquotable_message(&u, v, HOOK_PLACEHOLDERS, key));
+    }
+    for ph in placeholders(v) {
+        if !HOOK_PLACEHOLDERS.contains(&ph.as_str()) {
+            bad.push(format!(
+                "{key}: unknown placeholder {{{ph}}} (a hook runs once per host: {})",
+                HOOK_PLACEHOLDERS.join(", ")
+            ));
+        }
+    }
+    done(bad)
+}
 
 /// Keys allowed in `[dispatch]`, in the order "did you mean" prefers them.
 pub const SETTINGS_KEYS: &[Key<Settings>] = &[
@@ -414,7 +507,7 @@ fn set_install_command(r: &mut Route, v: &str, scope: &Scope) -> Result<(), Bad>
         .chain(scope.groups.iter().flatten().map(String::as_str))
         .collect();
     if let Err(u) = check_placeholder_quoting(v, &names) {
-        bad.push(unquotable_message(&u, v, &names));
+        bad.push(unquotable_message(&u, v, &names, "install_command"));
     }
     bad.extend(unknown_placeholders("install_command", v, scope));
     done(bad)
@@ -454,7 +547,7 @@ fn unknown_placeholders(key: &str, v: &str, scope: &Scope) -> Vec<String> {
 
 /// The message for a placeholder [`check_placeholder_quoting`] refused, with
 /// the template to write instead when the fix is mechanical.
-fn unquotable_message(u: &Unquotable, template: &str, names: &[&str]) -> String {
+fn unquotable_message(u: &Unquotable, template: &str, names: &[&str], key: &str) -> String {
     let mut msg = format!(
         "{{{}}} {}: the shell quoting of its value does not hold there, so a file name could run code on the host",
         u.placeholder, u.place
@@ -475,7 +568,7 @@ fn unquotable_message(u: &Unquotable, template: &str, names: &[&str]) -> String 
     match fixed {
         Some(f) if f != template => {
             msg.push_str(&format!(
-                "; close the quotes around it: install_command = {f}"
+                "; close the quotes around it: {key} = {f}"
             ));
         }
         _ => msg.push_str(
@@ -622,6 +715,18 @@ fn unset_route(s: &RawSection, regex: Regex) -> Route {
         install_timeout: zero,
         retries: 0,
         retry_delay: zero,
+        strategy: Strategy::Parallel,
+        max_failures: None,
+        pre_local: None,
+        post_local: None,
+        pre_remote: None,
+        post_remote: None,
+        hook_timeout: zero,
+        health_check: None,
+        health_remote: None,
+        health_timeout: zero,
+        health_interval: zero,
+        health_passes: 1,
     }
 }
 

@@ -284,3 +284,47 @@ pub(super) fn did_you_mean<'k>(key: &str, known: impl IntoIterator<Item = &'k st
         _ => String::new(),
     }
 }
+
+/// `3` or `25%`.
+pub(super) fn parse_host_count(v: &str) -> Result<super::HostCount, String> {
+    let v = v.trim();
+    if let Some(p) = v.strip_suffix('%') {
+        return match p.trim().parse::<u32>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(super::HostCount::Percent(p)),
+            _ => Err(format!("`{v}` is not a percentage (1%-100%)")),
+        };
+    }
+    match v.parse::<usize>() {
+        Ok(n) => Ok(super::HostCount::Hosts(n)),
+        _ => Err(format!(
+            "`{v}` is not a number of hosts or a percentage (3, 25%)"
+        )),
+    }
+}
+
+/// `parallel`, `serial`, `batch:N`, `batch:N%`, `canary:LIST`.
+pub(super) fn parse_strategy(v: &str) -> Result<super::Strategy, String> {
+    use super::{HostCount, Strategy};
+    let v = v.trim();
+    let (kind, arg) = v.split_once(':').unwrap_or((v, ""));
+    let usage = "use parallel, serial, batch:N, batch:N% or canary:LIST (e.g. canary:1,25%,100%)";
+    match (kind.trim().to_ascii_lowercase().as_str(), arg.trim()) {
+        ("parallel", "") => Ok(Strategy::Parallel),
+        ("serial", "") => Ok(Strategy::Serial),
+        ("batch", a) if !a.is_empty() => match parse_host_count(a)? {
+            HostCount::Hosts(0) => Err(format!("`{v}`: a batch of 0 hosts never ends")),
+            c => Ok(Strategy::Batch(c)),
+        },
+        ("canary", a) if !a.is_empty() => {
+            let mut sizes = Vec::new();
+            for part in a.split(',') {
+                match parse_host_count(part)? {
+                    HostCount::Hosts(0) => return Err(format!("`{v}`: a wave of 0 hosts")),
+                    c => sizes.push(c),
+                }
+            }
+            Ok(Strategy::Canary(sizes))
+        }
+        _ => Err(format!("`{v}`: {usage}")),
+    }
+}

@@ -15,6 +15,7 @@ mod journal_watch;
 mod notify;
 mod packaging;
 mod progress;
+mod rollout;
 mod status;
 mod structure;
 mod watch_daemon;

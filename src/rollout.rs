@@ -1,0 +1,452 @@
+//! Rollouts: what happens around a host's deliveries when its route has a
+//! `strategy` other than parallel, hooks or a health check. The waves come
+//! from [`Strategy::waves`](crate::config::Strategy::waves); the executor
+//! ([`crate::job`]) runs them one after the other and stops starting hosts
+//! once more than `max_failures` failed. For one host, [`run_host`] is:
+//!
+//! 1. `pre_local` (here: drain it at the load balancer) — if it fails the
+//!    host is left untouched and not drained;
+//! 2. `pre_remote` (on the host) — if it fails nothing is sent, the host is
+//!    undrained;
+//! 3. the host's deliveries (every file: upload, verify, install);
+//! 4. `post_remote`, then the health gate: `health_check` (here) or
+//!    `health_remote` (on the host) tried every `health_interval` until
+//!    `health_passes` tries in a row pass, within one `health_timeout`;
+//! 5. `post_local` (undrain) — only for a host that is healthy; a host left
+//!    drained is reported loudly.
+//!
+//! Hooks run with `sh -c`, their placeholders shell-quoted, and
+//! `DISPATCH_HOST`, `DISPATCH_ROUTE`, `DISPATCH_ROLLOUT` in the environment;
+//! each within `hook_timeout`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::Route;
+use crate::template::{expand, shell_quote};
+
+/// Runs a command on the target host within a deadline: Ok on exit 0, else
+/// what went wrong (the executor opens the SSH session for it).
+pub type Remote<'a> = &'a mut dyn FnMut(&str, Duration) -> Result<(), String>;
+
+/// One host of a rollout.
+pub struct HostRun<'a> {
+    pub route: &'a Route,
+    pub host: &'a str,
+    /// Names this rollout in the hooks' environment.
+    pub rollout: &'a str,
+}
+
+/// How a host's gates went.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Gates {
+    /// Why the deliveries did not run (pre_local or pre_remote failed).
+    pub before: Option<String>,
+    /// Why a host whose deliveries ran is not good (post_remote, health,
+    /// post_local).
+    pub after: Option<String>,
+    /// pre_local ran and post_local did not (or failed): the host is still
+    /// drained.
+    pub left_drained: bool,
+}
+
+impl HostRun<'_> {
+    fn command(&self, template: &str) -> String {
+        let vars: BTreeMap<String, String> = [
+            ("host".to_string(), self.host.to_string()),
+            ("section".to_string(), self.route.section.clone()),
+        ]
+        .into();
+        expand(template, &vars, shell_quote)
+    }
+
+    /// A local hook (`sh -c`), within `limit`.
+    fn local(&self, key: &str, template: &str, limit: Duration) -> Result<(), String> {
+        let cmd = self.command(template);
+        run_local(&cmd, &self.env(), limit).map_err(|e| format!("{key} {e}"))
+    }
+
+    fn remote(
+        &self,
+        key: &str,
+        template: &str,
+        limit: Duration,
+        remote: Remote<'_>,
+    ) -> Result<(), String> {
+        let mut cmd = String::new();
+        for (k, v) in self.env() {
+            cmd += &format!("{k}={} ", shell_quote(&v));
+        }
+        cmd += &format!("sh -c {}", shell_quote(&self.command(template)));
+        remote(&cmd, limit).map_err(|e| format!("{key} {e}"))
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("DISPATCH_HOST", self.host.to_string()),
+            ("DISPATCH_ROUTE", self.route.section.clone()),
+            ("DISPATCH_ROLLOUT", self.rollout.to_string()),
+        ]
+    }
+
+    /// The health gate: `health_passes` passing tries in a row within one
+    /// `health_timeout`. None when the route has no health check.
+    fn healthy(&self, remote: Remote<'_>) -> Option<Result<(), String>> {
+        let r = self.route;
+        let (key, template, local) = match (&r.health_check, &r.health_remote) {
+            (Some(c), _) => ("health_check", c, true),
+            (None, Some(c)) => ("health_remote", c, false),
+            (None, None) => return None,
+        };
+        let deadline = Instant::now() + r.health_timeout;
+        let (mut passes, mut tries, mut last) = (0, 0, String::new());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Some(Err(format!(
+                    "{key}: not healthy within {}s ({tries} tries, {passes} of {} passes in a row; last: {last})",
+                    r.health_timeout.as_secs(),
+                    r.health_passes
+                )));
+            }
+            tries += 1;
+            let limit = left.min(r.hook_timeout);
+            let res = if local {
+                run_local(&self.command(template), &self.env(), limit)
+            } else {
+                self.remote(key, template, limit, &mut *remote)
+            };
+            match res {
+                Ok(()) => {
+                    passes += 1;
+                    if passes >= r.health_passes {
+                        return Some(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    passes = 0;
+                    last = e;
+                }
+            }
+            let pause = r
+                .health_interval
+                .min(deadline.saturating_duration_since(Instant::now()));
+            std::thread::sleep(pause);
+        }
+    }
+}
+
+/// What a route's rollout will do, for `dispatch route` (a line each).
+pub fn describe(r: &Route) -> Vec<String> {
+    let waves: Vec<String> = r
+        .strategy
+        .waves(&r.hosts)
+        .iter()
+        .map(|w| format!("[{}]", w.join(", ")))
+        .collect();
+    let allowed = r.failures_allowed();
+    let mut lines = vec![format!(
+        "rollout: {} in {} wave(s): {}; stops once more than {allowed} host(s) failed",
+        r.strategy,
+        waves.len(),
+        waves.join(" ")
+    )];
+    let hook = |k: &str, v: &Option<String>| v.as_ref().map(|c| format!("{k}: {c}"));
+    let health = match (&r.health_check, &r.health_remote) {
+        (Some(c), _) | (None, Some(c)) => Some(format!(
+            "{}: {c} ({} pass(es) in a row, every {:.1}s, within {:.0}s)",
+            if r.health_check.is_some() {
+                "health_check"
+            } else {
+                "health_remote"
+            },
+            r.health_passes,
+            r.health_interval.as_secs_f64(),
+            r.health_timeout.as_secs_f64()
+        )),
+        (None, None) => None,
+    };
+    let steps = [
+        hook("pre_local", &r.pre_local),
+        hook("pre_remote", &r.pre_remote),
+        Some("the host's files (upload, verify, install)".into()),
+        hook("post_remote", &r.post_remote),
+        health,
+        hook("post_local (once healthy)", &r.post_local),
+    ];
+    for (i, l) in steps.into_iter().flatten().enumerate() {
+        lines.push(format!("  per host {}. {l}", i + 1));
+    }
+    lines
+}
+
+/// One host through its gates around `deliver` (which runs the host's
+/// deliveries and says whether every one succeeded).
+pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> bool) -> Gates {
+    let r = h.route;
+    let mut g = Gates::default();
+    if let Some(pre) = &r.pre_local {
+        if let Err(e) = h.local("pre_local", pre, r.hook_timeout) {
+            g.before = Some(format!("{e}; the host was left untouched"));
+            return g;
+        }
+        g.left_drained = true;
+    }
+    if let Some(pre) = &r.pre_remote {
+        if let Err(e) = h.remote("pre_remote", pre, r.hook_timeout, &mut *remote) {
+            g.before = Some(format!("{e}; nothing was sent"));
+            undrain(h, &mut g);
+            return g;
+        }
+    }
+    let delivered = deliver();
+    if delivered {
+        if let Some(post) = &r.post_remote {
+            if let Err(e) = h.remote("post_remote", post, r.hook_timeout, &mut *remote) {
+                g.after = Some(e);
+            }
+        }
+    }
+    let health = if g.after.is_none() {
+        h.healthy(&mut *remote)
+    } else {
+        None
+    };
+    match health {
+        Some(Err(e)) => g.after = Some(e),
+        // healthy, or no check and every file went in: undrain
+        Some(Ok(())) => undrain(h, &mut g),
+        None if delivered && g.after.is_none() => undrain(h, &mut g),
+        None => {}
+    }
+    if g.left_drained {
+        log::error!(
+            "{}: left drained: post_local was not run ({}); undrain it by hand once it is fixed",
+            h.host,
+            g.after.as_deref().unwrap_or("its files failed")
+        );
+    }
+    g
+}
+
+/// `post_local`, if the host was drained (or there is no pre_local).
+fn undrain(h: &HostRun<'_>, g: &mut Gates) {
+    let Some(post) = &h.route.post_local else {
+        g.left_drained = false;
+        return;
+    };
+    match h.local("post_local", post, h.route.hook_timeout) {
+        Ok(()) => g.left_drained = false,
+        Err(e) => {
+            g.after.get_or_insert(e);
+            g.left_drained = true;
+        }
+    }
+}
+
+/// `sh -c cmd` with `env`, killed after `limit`: Ok on exit 0, else the
+/// exit status and the last line it wrote to stderr (or stdout).
+pub fn run_local(cmd: &str, env: &[(&str, String)], limit: Duration) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", cmd])
+        // its own process group: a timeout kills what it started too (and
+        // so closes the pipes the readers wait on)
+        .process_group(0)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("could not start: {e}"))?;
+    let readers: Vec<_> = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|mut r| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = r.read_to_end(&mut b);
+            b
+        })
+    })
+    .collect();
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if started.elapsed() >= limit => {
+                kill_group(&mut child);
+                break None;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("could not wait for it: {e}")),
+        }
+    };
+    let out: Vec<String> = readers
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    let last = out
+        .iter()
+        .rev()
+        .flat_map(|o| o.lines().rev())
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .chars()
+        .take(300)
+        .collect::<String>();
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(format!(
+            "failed ({s}){}",
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(": {last}")
+            }
+        )),
+        None => Err(format!("timed out after {}s", limit.as_secs_f64())),
+    }
+}
+
+/// SIGKILL to the child's process group (it leads one), then reap it.
+pub fn kill_group(child: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on a process group this process created
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn route(extra: &str) -> Route {
+        let c = Config::parse(
+            std::path::Path::new("t.ini"),
+            &format!("[x]\nhost = a, b\nhook_timeout = 5s\nhealth_timeout = 2s\nhealth_interval = 10ms\n{extra}"),
+        )
+        .unwrap();
+        c.routes[0].clone()
+    }
+
+    fn no_remote() -> impl FnMut(&str, Duration) -> Result<(), String> {
+        |_: &str, _: Duration| Err("no remote in this test".to_string())
+    }
+
+    #[test]
+    fn a_failed_drain_leaves_the_host_untouched() {
+        let r = route("pre_local = exit 3\npost_local = true\n");
+        let h = HostRun {
+            route: &r,
+            host: "a",
+            rollout: "t",
+        };
+        let mut ran = false;
+        let g = run_host(&h, &mut no_remote(), || {
+            ran = true;
+            true
+        });
+        assert!(!ran);
+        assert!(g
+            .before
+            .unwrap()
+            .starts_with("pre_local failed (exit status: 3)"));
+        assert!(!g.left_drained);
+    }
+
+    #[test]
+    fn an_unhealthy_host_fails_and_stays_drained() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join("undrained");
+        let r = route(&format!(
+            "pre_local = true\npost_local = touch {}\nhealth_check = test {{host}} = b\n",
+            mark.display()
+        ));
+        let a = HostRun {
+            route: &r,
+            host: "a",
+            rollout: "t",
+        };
+        let g = run_host(&a, &mut no_remote(), || true);
+        assert!(
+            g.after
+                .as_deref()
+                .unwrap()
+                .starts_with("health_check: not healthy within 2s"),
+            "{g:?}"
+        );
+        assert!(g.left_drained);
+        assert!(!mark.exists());
+        let b = HostRun {
+            route: &r,
+            host: "b",
+            rollout: "t",
+        };
+        assert_eq!(run_host(&b, &mut no_remote(), || true), Gates::default());
+        assert!(mark.exists(), "b was not undrained");
+    }
+
+    #[test]
+    fn health_needs_its_passes_in_a_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = dir.path().join("n");
+        // passes on the 3rd try and after: 2 passes in a row on tries 3, 4
+        let r = route(&format!(
+            "health_passes = 2\nhealth_check = echo x >> {n}; [ $(wc -l < {n}) -ge 3 ]\n",
+            n = n.display()
+        ));
+        let h = HostRun {
+            route: &r,
+            host: "a",
+            rollout: "t",
+        };
+        assert_eq!(run_host(&h, &mut no_remote(), || true), Gates::default());
+        assert_eq!(std::fs::read_to_string(&n).unwrap().lines().count(), 4);
+    }
+
+    #[test]
+    fn hooks_get_quoted_placeholders_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("env");
+        let r = route(&format!(
+            "pre_local = printf '%s|' {{host}} \"$DISPATCH_HOST\" \"$DISPATCH_ROUTE\" \"$DISPATCH_ROLLOUT\" > {}\n",
+            out.display()
+        ));
+        let h = HostRun {
+            route: &r,
+            host: "a;b c",
+            rollout: "r-1",
+        };
+        run_host(&h, &mut no_remote(), || true);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "a;b c|a;b c|x|r-1|");
+    }
+
+    #[test]
+    fn a_hook_past_its_deadline_is_killed() {
+        let started = Instant::now();
+        let e = run_local("sleep 30", &[], Duration::from_millis(200)).unwrap_err();
+        assert!(e.starts_with("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,263 @@
+//! Rollouts on 4 real sshd hosts, each with a user of its own (logins from
+//! ~/.netrc) and the default dest_dir, 3 packages per host: waves in order,
+//! a failing health check or canary stopping the rest, `max_failures`, and
+//! the local drain / undrain hooks around each host.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::servers::{self, json_lines, RunResult, SshServer, Workspace};
+
+struct Fleet {
+    ws: Workspace,
+    hosts: Vec<SshServer>,
+    known_hosts: PathBuf,
+}
+
+fn fleet(n: usize) -> Fleet {
+    let ws = Workspace::new();
+    let first = SshServer::start_own_user(&servers::fresh_addr());
+    let port = first.port;
+    let mut hosts = vec![first];
+    for _ in 1..n {
+        hosts.push(SshServer::start_with(
+            &servers::fresh_addr(),
+            servers::SshOptions {
+                port: Some(port),
+                own_user: true,
+                ..Default::default()
+            },
+        ));
+    }
+    let refs: Vec<&SshServer> = hosts.iter().collect();
+    let known_hosts = ws.known_hosts(&refs);
+    let netrc: String = hosts
+        .iter()
+        .map(|h| format!("machine {} login {}\n", h.addr, h.user().name))
+        .collect();
+    ws.netrc(&netrc);
+    Fleet {
+        ws,
+        hosts,
+        known_hosts,
+    }
+}
+
+/// Every install records when it started and ended (ns), then its marker.
+const TIMED_INSTALL: &str = "date +%s%N > {name}.start && sleep 0.3 && sha256sum {name} > {name}.installed && date +%s%N > {name}.end";
+
+impl Fleet {
+    fn config(&self, extra: &str) -> PathBuf {
+        let addrs: Vec<&str> = self.hosts.iter().map(|h| h.addr.as_str()).collect();
+        self.ws.write_config(&format!(
+            "[dispatch]\nstate_dir = {}\n\n[app-]\nhost = {}\nport = {}\nidentity_file = {}\nknown_hosts = {}\nconnect_timeout = 5s\nretries = 0\nhealth_interval = 100ms\nhealth_timeout = 3s\n{extra}\n",
+            self.ws.path().join("state").display(),
+            addrs.join(", "),
+            self.hosts[0].port,
+            servers::keys().ed25519.display(),
+            self.known_hosts.display(),
+        ))
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        (1..=3)
+            .map(|i| {
+                self.ws
+                    .file(&format!("app-{i}.tgz"), format!("release {i}").as_bytes())
+            })
+            .collect()
+    }
+
+    fn run(&self, cfg: &Path) -> RunResult {
+        self.ws
+            .dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(self.files())
+            .run()
+    }
+
+    /// Where host `i` keeps its dated dirs (the default dest_dir).
+    fn root(&self, i: usize) -> PathBuf {
+        self.hosts[i].user().home.join("newcx")
+    }
+
+    fn installed(&self, i: usize) -> usize {
+        (1..=3)
+            .map(|k| servers::installed(&self.root(i), &format!("app-{k}.tgz")))
+            .sum()
+    }
+
+    /// (earliest start, latest end) of host `i`'s installs, in ns.
+    fn window(&self, i: usize) -> (u128, u128) {
+        let read = |k: usize, what: &str| -> u128 {
+            let c = servers::copies(&self.root(i), &format!("app-{k}.tgz.{what}"));
+            String::from_utf8_lossy(&c[0]).trim().parse().unwrap()
+        };
+        let starts = (1..=3).map(|k| read(k, "start"));
+        let ends = (1..=3).map(|k| read(k, "end"));
+        (starts.min().unwrap(), ends.max().unwrap())
+    }
+
+    /// The results, by host index: the states of its 3 files.
+    fn states(&self, r: &RunResult) -> Vec<Vec<String>> {
+        let results: Vec<Value> = json_lines(&r.stdout)
+            .into_iter()
+            .filter(|v| v.get("state").is_some() && v.get("summary").is_none())
+            .collect();
+        self.hosts
+            .iter()
+            .map(|h| {
+                let mut s: Vec<String> = results
+                    .iter()
+                    .filter(|v| v["host"] == h.addr.as_str())
+                    .map(|v| v["state"].as_str().unwrap().to_string())
+                    .collect();
+                s.sort();
+                s
+            })
+            .collect()
+    }
+}
+
+fn all(state: &str) -> Vec<String> {
+    vec![state.to_string(); 3]
+}
+
+/// serial, health check failing on host 3: hosts 1-2 installed one after
+/// the other, host 3 failed (installed, not healthy), host 4 skipped, exit 1.
+#[test]
+fn serial_stops_at_the_first_unhealthy_host_and_skips_the_rest() {
+    let f = fleet(4);
+    let bad = &f.hosts[2].addr;
+    let cfg = f.config(&format!(
+        "strategy = serial\ninstall_command = {TIMED_INSTALL}\nhealth_check = test {{host}} != {bad}\n"
+    ));
+    // what will run, told before anything does
+    let plan =
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "route", "app-1.tgz"])
+            .run()
+            .assert_code(0);
+    assert!(
+        plan.stdout.contains("rollout: serial in 4 wave(s)"),
+        "{plan}"
+    );
+    assert!(
+        plan.stdout
+            .contains("per host 2. health_check: test {host} != "),
+        "{plan}"
+    );
+    let r = f.run(&cfg).assert_code(1);
+    let st = f.states(&r);
+    assert_eq!(st[0], all("installed"), "{r}");
+    assert_eq!(st[1], all("installed"), "{r}");
+    assert_eq!(st[2], all("failed"), "{r}");
+    assert_eq!(st[3], all("skipped"), "{r}");
+    assert_eq!(
+        (
+            f.installed(0),
+            f.installed(1),
+            f.installed(2),
+            f.installed(3)
+        ),
+        (3, 3, 3, 0)
+    );
+    assert!(
+        f.window(0).1 < f.window(1).0,
+        "host 2 started before host 1 ended"
+    );
+    assert!(
+        f.window(1).1 < f.window(2).0,
+        "host 3 started before host 2 ended"
+    );
+    assert!(
+        r.stdout.contains("but health_check: not healthy within 3s"),
+        "{r}"
+    );
+    assert!(
+        r.stdout
+            .contains("not started: the rollout stopped after 1 failed host(s)"),
+        "{r}"
+    );
+}
+
+/// canary:1,100% whose canary fails: nothing else is touched.
+#[test]
+fn a_failing_canary_stops_the_rollout() {
+    let f = fleet(4);
+    let canary = &f.hosts[0].addr;
+    let cfg = f.config(&format!(
+        "strategy = canary:1,100%\ninstall_command = [ {{host}} != {canary} ] && sha256sum {{name}} > {{name}}.installed\n"
+    ));
+    // the install fails on the canary ({host} is the canary's address)
+    let r = f.run(&cfg).assert_code(1);
+    let st = f.states(&r);
+    assert_eq!(st[0], all("failed"), "{r}");
+    for (i, s) in st.iter().enumerate().skip(1) {
+        assert_eq!(*s, all("skipped"), "host {}: {r}", i + 1);
+        assert_eq!(f.installed(i), 0);
+    }
+}
+
+/// batch:50% runs two waves of two hosts; the second starts after the
+/// first ended; max_failures = 1 lets it go on past one failed host.
+#[test]
+fn batches_run_in_waves_and_max_failures_lets_one_failure_pass() {
+    let f = fleet(4);
+    let cfg = f.config(&format!(
+        "strategy = batch:50%\ninstall_command = {TIMED_INSTALL}\n"
+    ));
+    let r = f.run(&cfg).assert_code(0);
+    assert!(f.states(&r).iter().all(|s| *s == all("installed")), "{r}");
+    let w: Vec<(u128, u128)> = (0..4).map(|i| f.window(i)).collect();
+    let first_end = w[0].1.max(w[1].1);
+    let second_start = w[2].0.min(w[3].0);
+    assert!(first_end < second_start, "waves overlap: {w:?}");
+    // the two hosts of a wave run at once
+    assert!(
+        w[0].0 < w[1].1 && w[1].0 < w[0].1,
+        "wave 1 was not parallel: {w:?}"
+    );
+
+    let g = fleet(4);
+    let bad = &g.hosts[1].addr;
+    let cfg = g.config(&format!(
+        "strategy = serial\nmax_failures = 1\ninstall_command = [ {{host}} != {bad} ] && sha256sum {{name}} > {{name}}.installed\n"
+    ));
+    let r = g.run(&cfg).assert_code(1);
+    let st = g.states(&r);
+    assert_eq!(st[1], all("failed"), "{r}");
+    for i in [0, 2, 3] {
+        assert_eq!(st[i], all("installed"), "host {}: {r}", i + 1);
+    }
+}
+
+/// Each host is drained before it is touched and undrained once healthy,
+/// one after the other; a host whose drain fails is left untouched.
+#[test]
+fn hosts_are_drained_and_undrained_around_their_installs() {
+    let f = fleet(4);
+    let lb = f.ws.path().join("lb.log");
+    let refuse = &f.hosts[3].addr;
+    let cfg = f.config(&format!(
+        "strategy = serial\nmax_failures = 1\ninstall_command = sha256sum {{name}} > {{name}}.installed\n\
+         pre_local = [ {{host}} != {refuse} ] && echo \"drain $DISPATCH_HOST\" >> {lb}\n\
+         post_local = echo undrain {{host}} \"$DISPATCH_ROUTE\" >> {lb}\n\
+         health_check = test -n {{host}}\n",
+        lb = lb.display()
+    ));
+    let r = f.run(&cfg).assert_code(1);
+    let log = fs::read_to_string(&lb).unwrap();
+    let want: String = f.hosts[..3]
+        .iter()
+        .map(|h| format!("drain {a}\nundrain {a} app-\n", a = h.addr))
+        .collect();
+    assert_eq!(log, want, "{r}");
+    let st = f.states(&r);
+    assert_eq!(st[3], all("failed"), "{r}");
+    assert!(r.stdout.contains("pre_local failed"), "{r}");
+    assert_eq!(f.installed(3), 0, "a host whose drain failed was touched");
+    assert_eq!((0..3).map(|i| f.installed(i)).sum::<usize>(), 9);
+}
