@@ -314,6 +314,11 @@ pub struct Route {
     pub health_timeout: Duration,
     pub health_interval: Duration,
     pub health_passes: u32,
+    /// Releases: the symlink pointed at each good release (`~` = the login's home).
+    pub current: Option<String>,
+    pub activate_command: Option<String>,
+    /// Successful releases kept per host (None: all).
+    pub keep_releases: Option<u32>,
 }
 
 impl Route {
@@ -326,6 +331,7 @@ impl Route {
             || self.post_remote.is_some()
             || self.health_check.is_some()
             || self.health_remote.is_some()
+            || self.current.is_some()
     }
 
     /// Host failures the rollout goes on after.

@@ -286,7 +286,17 @@ impl Rollout {
             let (tx, rx) = crossbeam_channel::unbounded();
             self.batch.start_lanes(c, &self.bus, &self.pool, tx, true);
             outcomes = rx.iter().collect();
-            outcomes.len() == items.len() && outcomes.iter().all(|o: &Outcome| o.ok)
+            let ok = outcomes.len() == items.len() && outcomes.iter().all(|o: &Outcome| o.ok);
+            // the release: the one dir this host's files went to
+            let mut dirs: Vec<&String> = outcomes
+                .iter()
+                .filter_map(|o| o.uploaded_to.as_ref())
+                .collect();
+            dirs.dedup();
+            rollout::Delivered {
+                ok,
+                release: (dirs.len() == 1).then(|| dirs[0].clone()),
+            }
         });
         if let Some(why) = &gates.before {
             for it in &items {
@@ -338,7 +348,7 @@ fn remote_command(
     target: &SshTarget,
     cmd: &str,
     limit: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<String, String> {
     if !session.as_ref().is_some_and(SshSession::is_alive) {
         *session = Some(SshSession::connect(target).map_err(|e| e.to_string())?);
     }
@@ -347,7 +357,7 @@ fn remote_command(
     };
     let out = s.exec(cmd, limit).map_err(|e| e.to_string())?;
     if out.success() {
-        return Ok(());
+        return Ok(out.output);
     }
     let last = out
         .output

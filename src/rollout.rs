@@ -29,7 +29,15 @@ use crate::template::{expand, shell_quote};
 
 /// Runs a command on the target host within a deadline: Ok on exit 0, else
 /// what went wrong (the executor opens the SSH session for it).
-pub type Remote<'a> = &'a mut dyn FnMut(&str, Duration) -> Result<(), String>;
+pub type Remote<'a> = &'a mut dyn FnMut(&str, Duration) -> Result<String, String>;
+
+/// What a host's deliveries did.
+pub struct Delivered {
+    /// Every file went in.
+    pub ok: bool,
+    /// The one (absolute) dir they went to: the release, with `current`.
+    pub release: Option<String>,
+}
 
 /// One host of a rollout.
 pub struct HostRun<'a> {
@@ -50,6 +58,9 @@ pub struct Gates {
     /// pre_local ran and post_local did not (or failed): the host is still
     /// drained.
     pub left_drained: bool,
+    /// Its release was rolled back (`current`) and it is healthy on the old
+    /// one: undrained, still failed.
+    pub rolled_back: bool,
 }
 
 impl HostRun<'_> {
@@ -80,7 +91,9 @@ impl HostRun<'_> {
             cmd += &format!("{k}={} ", shell_quote(&v));
         }
         cmd += &format!("sh -c {}", shell_quote(&self.command(template)));
-        remote(&cmd, limit).map_err(|e| format!("{key} {e}"))
+        remote(&cmd, limit)
+            .map(|_| ())
+            .map_err(|e| format!("{key} {e}"))
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
@@ -172,6 +185,14 @@ pub fn describe(r: &Route) -> Vec<String> {
         hook("pre_local", &r.pre_local),
         hook("pre_remote", &r.pre_remote),
         Some("the host's files (upload, verify, install)".into()),
+        r.current.as_ref().map(|c| {
+            format!(
+                "{c} → the new release{}",
+                r.activate_command
+                    .as_ref()
+                    .map_or(String::new(), |a| format!(", then activate_command: {a}"))
+            )
+        }),
         hook("post_remote", &r.post_remote),
         health,
         hook("post_local (once healthy)", &r.post_local),
@@ -179,12 +200,18 @@ pub fn describe(r: &Route) -> Vec<String> {
     for (i, l) in steps.into_iter().flatten().enumerate() {
         lines.push(format!("  per host {}. {l}", i + 1));
     }
+    if r.current.is_some() {
+        lines.push(format!(
+            "  a host not healthy on its new release is rolled back to the previous one; releases kept: {}",
+            r.keep_releases.map_or("all".to_string(), |k| k.to_string())
+        ));
+    }
     lines
 }
 
 /// One host through its gates around `deliver` (which runs the host's
 /// deliveries and says whether every one succeeded).
-pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> bool) -> Gates {
+pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> Delivered) -> Gates {
     let r = h.route;
     let mut g = Gates::default();
     if let Some(pre) = &r.pre_local {
@@ -201,24 +228,42 @@ pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> b
             return g;
         }
     }
-    let delivered = deliver();
-    if delivered {
+    let d = deliver();
+    let delivered = d.ok;
+    // releases: current → the new release, activated, before post_remote
+    // and the health gate (which check the new release)
+    let mut switched: Option<(String, String)> = None;
+    if delivered && r.current.is_some() {
+        match d.release.as_deref().map(|dir| switch(h, dir, &mut *remote)) {
+            Some(Ok(prev)) => switched = d.release.clone().map(|dir| (dir, prev)),
+            Some(Err(e)) => g.after = Some(e),
+            None => {
+                g.after = Some("current: this host's files did not go to one release dir".into())
+            }
+        }
+    }
+    if delivered && g.after.is_none() {
         if let Some(post) = &r.post_remote {
             if let Err(e) = h.remote("post_remote", post, r.hook_timeout, &mut *remote) {
                 g.after = Some(e);
             }
         }
     }
-    let health = if g.after.is_none() {
+    let mut health = if g.after.is_none() {
         h.healthy(&mut *remote)
     } else {
         None
     };
+    if let Some((dir, prev)) = &switched {
+        health = releases_after(h, dir, prev, health, &mut g, &mut *remote);
+    }
     match health {
         Some(Err(e)) => g.after = Some(e),
         // healthy, or no check and every file went in: undrain
         Some(Ok(())) => undrain(h, &mut g),
         None if delivered && g.after.is_none() => undrain(h, &mut g),
+        // rolled back and healthy on the old release: undrained, still failed
+        None if g.rolled_back => undrain(h, &mut g),
         None => {}
     }
     if g.left_drained {
@@ -229,6 +274,119 @@ pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> b
         );
     }
     g
+}
+
+/// `~/x` as the shell should see it (`"$HOME"/'x'`), else quoted.
+fn shell_path(p: &str) -> String {
+    match p.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME\"/{}", shell_quote(rest)),
+        None => shell_quote(p),
+    }
+}
+
+/// Point `current` at `dir` (a new link renamed over the old one: never a
+/// moment without it) and run `activate_command`; the release it pointed
+/// at before ("" for none).
+fn switch(h: &HostRun<'_>, dir: &str, remote: Remote<'_>) -> Result<String, String> {
+    let r = h.route;
+    let cur = shell_path(r.current.as_deref().unwrap_or_default());
+    let script = format!(
+        "cur={cur}; new={new}; prev=$(readlink \"$cur\" 2>/dev/null || true); \
+         mkdir -p \"$(dirname \"$cur\")\" && ln -s \"$new\" \"$cur.dispatch-$$\" && mv -T \"$cur.dispatch-$$\" \"$cur\" && \
+         printf 'prev=%s\\n' \"$prev\"",
+        new = shell_quote(dir)
+    );
+    let out = remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout)
+        .map_err(|e| format!("current: switching to {dir} {e}"))?;
+    let prev = out
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("prev="))
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    if let Some(a) = &r.activate_command {
+        h.remote("activate_command", a, r.hook_timeout, &mut *remote)?;
+    }
+    Ok(prev)
+}
+
+/// After the health gate of a switched host: mark the release good and
+/// prune, or mark it failed and roll back to `prev` (then check again).
+fn releases_after(
+    h: &HostRun<'_>,
+    dir: &str,
+    prev: &str,
+    health: Option<Result<(), String>>,
+    g: &mut Gates,
+    remote: Remote<'_>,
+) -> Option<Result<(), String>> {
+    let r = h.route;
+    let good = g.after.is_none() && !matches!(health, Some(Err(_)));
+    let mark = if good {
+        ".dispatch-release-ok"
+    } else {
+        ".dispatch-release-failed"
+    };
+    let mut script = format!("touch {}/{mark}", shell_quote(dir));
+    if good {
+        if let Some(keep) = r.keep_releases {
+            script += &format!("; {}", prune_script(dir, prev, keep));
+        }
+    }
+    if let Err(e) = remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout) {
+        log::warn!("{}: releases: {e}", h.host);
+    }
+    if good || prev.is_empty() || prev == dir {
+        return health;
+    }
+    let why = match &health {
+        Some(Err(e)) => e.clone(),
+        _ => g.after.clone().unwrap_or_default(),
+    };
+    match switch(h, prev, &mut *remote) {
+        Ok(_) => {
+            log::warn!("{}: rolled back to {prev}: {why}", h.host);
+            // healthy again on the old release? (then it is undrained)
+            match h.healthy(&mut *remote) {
+                Some(Err(e)) => {
+                    g.after = Some(format!(
+                        "{why}; rolled back to {prev}, still not healthy: {e}"
+                    ));
+                    None
+                }
+                _ => {
+                    g.after = Some(format!("{why}; rolled back to {prev}"));
+                    g.rolled_back = true;
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            g.after = Some(format!("{why}; rolling back to {prev} failed: {e}"));
+            None
+        }
+    }
+}
+
+/// Remove successful releases beyond the newest `keep` (never `dir`, the
+/// current one, nor `prev`, the one to roll back to) and failed ones but the
+/// newest; dirs without a mark (in flight, or not dispatch's) are left.
+fn prune_script(dir: &str, prev: &str, keep: u32) -> String {
+    let parent = dir
+        .rsplit_once('/')
+        .map_or("/", |(p, _)| if p.is_empty() { "/" } else { p });
+    format!(
+        "cd {parent} && n=0 && for m in $(ls -1d */.dispatch-release-ok 2>/dev/null | sort -r); do \
+           d=${{m%/.dispatch-release-ok}}; p=$(pwd)/$d; n=$((n+1)); \
+           if [ $n -gt {keep} ] && [ \"$p\" != {dir} ] && [ \"$p\" != {prev} ]; then rm -rf -- \"$d\"; fi; \
+         done; k=0; for m in $(ls -1d */.dispatch-release-failed 2>/dev/null | sort -r); do \
+           k=$((k+1)); [ $k -gt 1 ] && rm -rf -- \"${{m%/.dispatch-release-failed}}\"; \
+         done; true",
+        parent = shell_quote(parent),
+        dir = shell_quote(dir),
+        prev = shell_quote(prev),
+    )
 }
 
 /// `post_local`, if the host was drained (or there is no pre_local).
@@ -350,8 +508,15 @@ mod tests {
         c.routes[0].clone()
     }
 
-    fn no_remote() -> impl FnMut(&str, Duration) -> Result<(), String> {
+    fn no_remote() -> impl FnMut(&str, Duration) -> Result<String, String> {
         |_: &str, _: Duration| Err("no remote in this test".to_string())
+    }
+
+    fn ok() -> Delivered {
+        Delivered {
+            ok: true,
+            release: None,
+        }
     }
 
     #[test]
@@ -365,7 +530,7 @@ mod tests {
         let mut ran = false;
         let g = run_host(&h, &mut no_remote(), || {
             ran = true;
-            true
+            ok()
         });
         assert!(!ran);
         assert!(g
@@ -388,7 +553,7 @@ mod tests {
             host: "a",
             rollout: "t",
         };
-        let g = run_host(&a, &mut no_remote(), || true);
+        let g = run_host(&a, &mut no_remote(), ok);
         assert!(
             g.after
                 .as_deref()
@@ -403,7 +568,7 @@ mod tests {
             host: "b",
             rollout: "t",
         };
-        assert_eq!(run_host(&b, &mut no_remote(), || true), Gates::default());
+        assert_eq!(run_host(&b, &mut no_remote(), ok), Gates::default());
         assert!(mark.exists(), "b was not undrained");
     }
 
@@ -421,7 +586,7 @@ mod tests {
             host: "a",
             rollout: "t",
         };
-        assert_eq!(run_host(&h, &mut no_remote(), || true), Gates::default());
+        assert_eq!(run_host(&h, &mut no_remote(), ok), Gates::default());
         assert_eq!(std::fs::read_to_string(&n).unwrap().lines().count(), 4);
     }
 
@@ -438,7 +603,7 @@ mod tests {
             host: "a;b c",
             rollout: "r-1",
         };
-        run_host(&h, &mut no_remote(), || true);
+        run_host(&h, &mut no_remote(), ok);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "a;b c|a;b c|x|r-1|");
     }
 

@@ -296,12 +296,42 @@ pub const ROUTE_KEYS: &[Key<Route>] = &[
         set: |r, v, _| put(&mut r.health_interval, duration_within(v, false, MAX_DELAY)),
     },
     Key {
+        name: "current",
+        default: Unset,
+        help: "Releases: a symlink on the host pointed at each good release dir (~/app/current).",
+        set: |r, v, _| put(&mut r.current, parse_current(v)),
+    },
+    Key {
+        name: "activate_command",
+        default: Unset,
+        help: "Releases: run on the host after current was switched (restart the service).",
+        set: |r, v, s| set_hook(&mut r.activate_command, "activate_command", v, s),
+    },
+    Key {
+        name: "keep_releases",
+        default: Unset,
+        help: "Releases: successful releases kept per host, 1-100 (never the current or the previous one).",
+        set: |r, v, _| put(&mut r.keep_releases, count_within(v, 1..=MAX_RETRIES).map(Some)),
+    },
+    Key {
         name: "health_passes",
         default: Text("1"),
         help: "Consecutive passing tries a host needs, 1-100.",
         set: |r, v, _| put(&mut r.health_passes, count_within(v, 1..=MAX_RETRIES)),
     },
 ];
+
+/// `current`: an absolute or `~/` path.
+fn parse_current(v: &str) -> Result<Option<String>, String> {
+    let v = v.trim().trim_end_matches('/');
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if !(v.starts_with('/') || v.starts_with("~/")) || v.contains('\n') {
+        return Err(format!("`{v}` is not an absolute or ~/ path"));
+    }
+    Ok(Some(v.to_string()))
+}
 
 /// What a host-level hook (`pre_local`, `health_check`, …) may name: the
 /// host and the section (it runs once per host, not per file).
@@ -727,6 +757,9 @@ fn unset_route(s: &RawSection, regex: Regex) -> Route {
         health_timeout: zero,
         health_interval: zero,
         health_passes: 1,
+        current: None,
+        activate_command: None,
+        keep_releases: None,
     }
 }
 

@@ -261,3 +261,76 @@ fn hosts_are_drained_and_undrained_around_their_installs() {
     assert_eq!(f.installed(3), 0, "a host whose drain failed was touched");
     assert_eq!((0..3).map(|i| f.installed(i)).sum::<usize>(), 9);
 }
+
+/// Releases on 2 hosts, serial: each run's dated dir becomes `current`
+/// (activate_command runs after the switch), `keep_releases = 2` leaves the
+/// current and the previous release, and a release that is not healthy is
+/// rolled back to the previous one on that host (activated again), which
+/// fails the host and stops the rollout.
+#[test]
+fn releases_switch_current_keep_two_and_roll_back_an_unhealthy_one() {
+    let f = fleet(2);
+    let cfg = f.config(
+        "strategy = serial\n\
+         dest_dir = ~/app/releases/%Y%m%d_%H%M%S_%f\n\
+         current = ~/app/current\n\
+         keep_releases = 2\n\
+         install_command = cp {name} VERSION\n\
+         activate_command = readlink ~/app/current >> ~/activations\n\
+         health_remote = ! grep -q bad ~/app/current/VERSION\n",
+    );
+    let home = |i: usize| f.hosts[i].user().home.clone();
+    let current = |i: usize| fs::read_link(home(i).join("app/current")).unwrap();
+    let releases = |i: usize| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = fs::read_dir(home(i).join("app/releases"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let send = |version: &str| -> RunResult {
+        let file = f.ws.file("app-1.tgz", version.as_bytes());
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .arg(file)
+            .run()
+    };
+    let mut seen = Vec::new();
+    for v in ["v1", "v2", "v3"] {
+        let r = send(v).assert_code(0);
+        for i in 0..2 {
+            assert_eq!(
+                fs::read_to_string(current(i).join("VERSION")).unwrap(),
+                v,
+                "{r}"
+            );
+        }
+        seen.push(current(0));
+    }
+    for i in 0..2 {
+        // v1 pruned: current (v3) and previous (v2) kept
+        let kept = releases(i);
+        assert_eq!(kept.len(), 2, "host {i}: {kept:?}");
+        assert_eq!(kept[1], current(i));
+        let acts = fs::read_to_string(home(i).join("activations")).unwrap();
+        assert_eq!(acts.lines().count(), 3, "host {i}: {acts}");
+    }
+    assert!(!releases(0).contains(&seen[0]), "v1 kept");
+    let good = current(0);
+    let r = send("bad v4").assert_code(1);
+    assert_eq!(current(0), good, "host 1 not rolled back: {r}");
+    assert_eq!(fs::read_to_string(good.join("VERSION")).unwrap(), "v3");
+    assert!(r.stdout.contains("rolled back to"), "{r}");
+    let st = f.states(&r);
+    assert_eq!(st[0], vec!["failed".to_string()], "{r}");
+    assert_eq!(st[1], vec!["skipped".to_string()], "{r}");
+    // the failed release is kept (the newest failed one), marked
+    assert!(releases(0)
+        .iter()
+        .any(|d| d.join(".dispatch-release-failed").exists()));
+    // activated for v4, and again for the rollback
+    let acts = fs::read_to_string(home(0).join("activations")).unwrap();
+    assert_eq!(acts.lines().count(), 5, "{acts}");
+    assert_eq!(acts.lines().last().unwrap(), good.to_str().unwrap());
+}
