@@ -21,6 +21,7 @@ PACKAGES=(
   curl sqlite3 inotify-tools time
   chromium chromium-driver      # the status page in a real headless browser
   python3-prometheus-client     # /metrics read by a real OpenMetrics parser (/usr/bin/python3)
+  nginx                         # the rolling-update runbook: a real load balancer in front of two hosts
   ca-certificates               # cargo fetching crates on a bare machine
 )
 

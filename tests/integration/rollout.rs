@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -333,4 +334,236 @@ fn releases_switch_current_keep_two_and_roll_back_an_unhealthy_one() {
     let acts = fs::read_to_string(home(0).join("activations")).unwrap();
     assert_eq!(acts.lines().count(), 5, "{acts}");
     assert_eq!(acts.lines().last().unwrap(), good.to_str().unwrap());
+}
+
+/// Backends (`python3 -m http.server` as each host's user, serving
+/// `~/app`) started by the rollout itself; killed by pid at the end.
+struct Backends(Vec<PathBuf>);
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        for pid_file in &self.0 {
+            if let Ok(pid) = fs::read_to_string(pid_file)
+                .unwrap_or_default()
+                .trim()
+                .parse::<i32>()
+            {
+                // SAFETY: kill(2) on the backend this test's rollout started
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+/// A real nginx on loopback, stopped by pid on drop.
+struct Nginx {
+    conf: PathBuf,
+    prefix: PathBuf,
+    addr: String,
+}
+
+impl Nginx {
+    fn start(ws: &Workspace, backends: &[&str], port: u16) -> Nginx {
+        let prefix = ws.path().join("nginx");
+        fs::create_dir_all(prefix.join("logs")).unwrap();
+        let addr = format!(
+            "{}:{}",
+            servers::fresh_addr(),
+            servers::free_port("127.0.0.1")
+        );
+        let upstream: String = backends
+            .iter()
+            .map(|b| format!("server {b}:{port};\n"))
+            .collect();
+        fs::write(prefix.join("upstream.conf"), upstream).unwrap();
+        let conf = prefix.join("nginx.conf");
+        fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log;\nevents {{}}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {p}/tmp;\n  proxy_temp_path {p}/tmp;\n\
+                 fastcgi_temp_path {p}/tmp;\n  uwsgi_temp_path {p}/tmp;\n  scgi_temp_path {p}/tmp;\n\
+                 upstream app {{ include {p}/upstream.conf; }}\n\
+                 server {{ listen {addr}; location / {{ proxy_pass http://app; proxy_next_upstream off; }} }}\n}}\n",
+                p = prefix.display()
+            ),
+        )
+        .unwrap();
+        fs::create_dir_all(prefix.join("tmp")).unwrap();
+        let st = std::process::Command::new("nginx")
+            .args(["-c", conf.to_str().unwrap(), "-p", prefix.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "nginx did not start: {}",
+            fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default()
+        );
+        let n = Nginx { conf, prefix, addr };
+        servers::poll_until(Duration::from_secs(10), "nginx to listen", || {
+            std::net::TcpStream::connect(&n.addr).ok().map(|_| ())
+        });
+        n
+    }
+
+    /// The drain / undrain command: mark the host `down` in the upstream
+    /// (or not), reload, and return once the old workers are gone.
+    fn lb_script(&self, ws: &Workspace, port: u16) -> PathBuf {
+        let p = ws.path().join("lb");
+        let up = self.prefix.join("upstream.conf");
+        let ngx = format!(
+            "nginx -c {} -p {}",
+            self.conf.display(),
+            self.prefix.display()
+        );
+        fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\nset -e\nhost=$2\n\
+                 if [ \"$1\" = drain ]; then sed -i \"s/^server $host:{port};/server $host:{port} down;/\" {up}; \
+                 else sed -i \"s/^server $host:{port} down;/server $host:{port};/\" {up}; fi\n\
+                 master=$(cat {pid})\nold=$(pgrep -P \"$master\" | tr '\\n' ' ')\n{ngx} -s reload\n\
+                 for i in $(seq 200); do\n  alive=0\n  for w in $old; do kill -0 \"$w\" 2>/dev/null && alive=1; done\n\
+                   [ $alive = 0 ] && exit 0\n  sleep 0.05\ndone\necho \"old nginx workers still running\" >&2\nexit 1\n",
+                up = up.display(),
+                pid = self.prefix.join("nginx.pid").display(),
+            ),
+        )
+        .unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut fs::metadata(&p).unwrap().permissions(),
+            0o755,
+        );
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Ok(pid) = fs::read_to_string(self.prefix.join("nginx.pid"))
+            .unwrap_or_default()
+            .trim()
+            .parse::<i32>()
+        {
+            // SAFETY: kill(2) on the nginx master this test started
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+    }
+}
+
+/// GET / through nginx: (HTTP status, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, "connect failed".into());
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes());
+    let mut raw = String::new();
+    let _ = s.read_to_string(&mut raw);
+    let code = raw
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .trim()
+        .to_string();
+    (code, body)
+}
+
+/// The rolling runbook end to end: a real nginx in front of two hosts
+/// whose backends serve the version of their `current` release; each host
+/// drained at nginx, its release switched and its backend restarted,
+/// health-checked, undrained — while a client requests through nginx the
+/// whole time: no failed request, and the version served goes from v1 to v2.
+#[test]
+fn a_rolling_update_behind_nginx_fails_no_request() {
+    let f = fleet(2);
+    let port = servers::free_port(&f.hosts[0].addr);
+    let pids: Vec<PathBuf> = (0..2)
+        .map(|i| f.hosts[i].user().home.join("backend.pid"))
+        .collect();
+    let _backends = Backends(pids);
+    let addrs: Vec<&str> = f.hosts.iter().map(|h| h.addr.as_str()).collect();
+    let nginx = Nginx::start(&f.ws, &addrs, port);
+    let lb = nginx.lb_script(&f.ws, port);
+    let restart = format!(
+        "{{ pid=$(cat ~/backend.pid 2>/dev/null) && kill $pid 2>/dev/null && while kill -0 $pid 2>/dev/null; do sleep 0.05; done; true; }}; \
+         setsid python3 -m http.server {port} --bind \"$DISPATCH_HOST\" --directory ~/app > /dev/null 2>&1 < /dev/null & echo $! > ~/backend.pid"
+    );
+    let cfg = f.config(&format!(
+        "strategy = serial\n\
+         dest_dir = ~/app/releases/%Y%m%d_%H%M%S_%f\n\
+         current = ~/app/current\n\
+         install_command = cp {{name}} VERSION\n\
+         activate_command = {restart}\n\
+         pre_local = {lb} drain {{host}}\n\
+         post_local = {lb} undrain {{host}}\n\
+         health_check = curl -fsS --max-time 1 http://{{host}}:{port}/current/VERSION\n\
+         health_passes = 2\n",
+        lb = lb.display(),
+        restart = restart.replace('{', "{{").replace('}', "}}"),
+    ));
+    let send = |version: &str| {
+        let file = f.ws.file("app-1.tgz", version.as_bytes());
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .arg(file)
+            .run()
+            .assert_code(0)
+    };
+    send("v1");
+    servers::poll_until(Duration::from_secs(10), "v1 through nginx", || {
+        (get(&nginx.addr, "/current/VERSION") == (200, "v1".into())).then_some(())
+    });
+    // a client through nginx, all along the rollout of v2
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (addr, stop) = (nginx.addr.clone(), std::sync::Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                seen.push(get(&addr, "/current/VERSION"));
+            }
+            seen
+        })
+    };
+    let r = send("v2");
+    servers::poll_until(Duration::from_secs(10), "v2 from both hosts", || {
+        (0..4)
+            .all(|_| get(&nginx.addr, "/current/VERSION") == (200, "v2".into()))
+            .then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = client.join().unwrap();
+    let failed: Vec<&(u16, String)> = seen.iter().filter(|(c, _)| *c != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\n{r}",
+        failed.len(),
+        seen.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(seen.len() > 20, "too few requests to tell: {}", seen.len());
+    eprintln!(
+        "{} requests through nginx during the rollout, none failed",
+        seen.len()
+    );
+    let first_v2 = seen
+        .iter()
+        .position(|(_, b)| b == "v2")
+        .expect("v2 never served");
+    assert!(seen[..first_v2].iter().all(|(_, b)| b == "v1"), "{seen:?}");
+    assert_eq!(seen.last().unwrap().1, "v2");
+    // both upstreams undrained again
+    let up = fs::read_to_string(nginx.prefix.join("upstream.conf")).unwrap();
+    assert!(!up.contains("down"), "{up}");
 }
