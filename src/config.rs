@@ -319,6 +319,10 @@ pub struct Route {
     pub activate_command: Option<String>,
     /// Successful releases kept per host (None: all).
     pub keep_releases: Option<u32>,
+    /// The rollout's lock on each host: how long it holds without renewal,
+    /// and how long to wait for another holder.
+    pub lock_ttl: Duration,
+    pub lock_wait: Duration,
 }
 
 impl Route {

@@ -281,6 +281,19 @@ impl Rollout {
         let mut remote = |cmd: &str, limit: std::time::Duration| {
             remote_command(&mut session, &target, cmd, limit)
         };
+        let owned = |t: &SshTarget| -> rollout::OwnedRemote {
+            let (t, mut session) = (t.clone(), None);
+            Box::new(move |cmd: &str, limit| remote_command(&mut session, &t, cmd, limit))
+        };
+        let lock = match rollout::lock_host(&run, &mut remote, owned(&target), owned(&target)) {
+            Ok(l) => l,
+            Err(why) => {
+                for it in &items {
+                    self.finish(Outcome::failed(it, &host, &route.section, &why));
+                }
+                return true;
+            }
+        };
         let mut outcomes = Vec::new();
         let gates = rollout::run_host(&run, &mut remote, || {
             let (tx, rx) = crossbeam_channel::unbounded();
@@ -298,6 +311,7 @@ impl Rollout {
                 release: (dirs.len() == 1).then(|| dirs[0].clone()),
             }
         });
+        drop(lock);
         if let Some(why) = &gates.before {
             for it in &items {
                 self.finish(Outcome::failed(it, &host, &route.section, why));

@@ -276,6 +276,160 @@ pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> D
     g
 }
 
+/// The rollout's lock on a host: a directory made with `mkdir` (atomic),
+/// holding `owner` (token, machine, pid, rollout, since, expiry by the
+/// host's clock).
+pub const HOST_LOCK: &str = ".dispatch-host.lock";
+
+/// The owner line of a lock this rollout takes.
+fn owner_line(h: &HostRun<'_>, token: &str, ttl: Duration) -> String {
+    let me = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!(
+        "token={token} machine={} pid={} rollout={} since=$(date +%s) expires=$(( $(date +%s) + {} ))",
+        shell_quote(me.trim()),
+        std::process::id(),
+        shell_quote(h.rollout),
+        ttl.as_secs().max(1)
+    )
+}
+
+/// Take the host's lock: made, or taken over when expired (under a second
+/// `mkdir` so that two takers cannot both win), else who holds it. Exit 0
+/// and `locked`, or exit 3 and the holder's line.
+fn lock_script(h: &HostRun<'_>, token: &str, ttl: Duration) -> String {
+    let owner = owner_line(h, token, ttl);
+    format!(
+        "d=\"$HOME\"/{HOST_LOCK}; t=\"$d.takeover\"; \
+         if mkdir \"$d\" 2>/dev/null; then echo \"{owner}\" > \"$d/owner\"; echo locked; exit 0; fi; \
+         if mkdir \"$t\" 2>/dev/null; then \
+           exp=$(sed -n 's/.*expires=\\([0-9]*\\).*/\\1/p' \"$d/owner\" 2>/dev/null); \
+           if [ -n \"$exp\" ] && [ \"$exp\" -lt \"$(date +%s)\" ]; then \
+             old=$(cat \"$d/owner\"); rm -rf \"$d\" && mkdir \"$d\" && echo \"{owner}\" > \"$d/owner\" && rmdir \"$t\" && \
+             echo \"locked (took over an expired lock: $old)\" && exit 0; \
+           fi; rmdir \"$t\"; \
+         elif [ -n \"$(find \"$t\" -maxdepth 0 -mmin +1 2>/dev/null)\" ]; then rmdir \"$t\" 2>/dev/null; fi; \
+         echo \"held: $(cat \"$d/owner\" 2>/dev/null)\"; exit 3"
+    )
+}
+
+/// Renew (push the expiry on) or release the lock, only if `token` holds it.
+fn lock_own_script(token: &str, ttl: Option<Duration>) -> String {
+    let d = format!("\"$HOME\"/{HOST_LOCK}");
+    let mine = format!("grep -q '^token={token} ' {d}/owner 2>/dev/null");
+    match ttl {
+        Some(ttl) => format!(
+            "{mine} && sed -i \"s/expires=[0-9]*/expires=$(( $(date +%s) + {} ))/\" {d}/owner",
+            ttl.as_secs().max(1)
+        ),
+        None => format!("if {mine}; then rm -rf {d}; fi; true"),
+    }
+}
+
+/// Holds the host's lock: renewed every third of its TTL by a thread of
+/// its own (its own SSH session); released when dropped.
+pub struct HostLock {
+    token: String,
+    stop: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+    release: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Drop for HostLock {
+    fn drop(&mut self) {
+        {
+            let (m, c) = &*self.stop;
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            c.notify_all();
+        }
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
+        if let Some(r) = self.release.take() {
+            r();
+        }
+        log::debug!("host lock {} released", self.token);
+    }
+}
+
+/// A command runner the lock's renewer can own (a session of its own).
+pub type OwnedRemote = Box<dyn FnMut(&str, Duration) -> Result<String, String> + Send>;
+
+/// Take the host's lock for this rollout, waiting up to `lock_wait` for
+/// another holder; `renewer` and `releaser` run the renewals and the release.
+pub fn lock_host(
+    h: &HostRun<'_>,
+    remote: Remote<'_>,
+    mut renewer: OwnedRemote,
+    mut releaser: OwnedRemote,
+) -> Result<HostLock, String> {
+    let r = h.route;
+    let token = crate::transport::random_hex();
+    let deadline = Instant::now() + r.lock_wait;
+    let script = lock_script(h, &token, r.lock_ttl);
+    loop {
+        match remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout) {
+            Ok(out) => {
+                if let Some(l) = out.lines().find(|l| l.starts_with("locked (took over")) {
+                    log::warn!("{}: {l}", h.host);
+                }
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                log::info!("{}: waiting for the host lock: {e}", h.host);
+                std::thread::sleep(
+                    Duration::from_secs(1).min(deadline.saturating_duration_since(Instant::now())),
+                );
+            }
+            Err(e) => {
+                return Err(match e.split_once("held: ") {
+                    Some((_, holder)) => format!(
+                        "the host is locked by another rollout ({}); nothing was done (lock_wait = {}s)",
+                        holder.trim(),
+                        r.lock_wait.as_secs()
+                    ),
+                    None => format!("cannot take the host lock: {e}; nothing was done"),
+                });
+            }
+        }
+    }
+    let stop = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (ttl, renew) = (r.lock_ttl, lock_own_script(&token, Some(r.lock_ttl)));
+    let host = h.host.to_string();
+    let s2 = std::sync::Arc::clone(&stop);
+    let renewer = std::thread::Builder::new()
+        .name("lock-renew".into())
+        .spawn(move || {
+            let (m, c) = &*s2;
+            let mut stopped = m.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let (g, _) = c
+                    .wait_timeout(stopped, ttl / 3)
+                    .unwrap_or_else(|p| p.into_inner());
+                stopped = g;
+                if *stopped {
+                    return;
+                }
+                if let Err(e) = renewer(&format!("sh -c {}", shell_quote(&renew)), ttl / 3) {
+                    log::warn!("{host}: renewing the host lock: {e}");
+                }
+            }
+        })
+        .ok();
+    let release = lock_own_script(&token, None);
+    let host = h.host.to_string();
+    let limit = r.hook_timeout;
+    Ok(HostLock {
+        token,
+        stop,
+        renewer,
+        release: Some(Box::new(move || {
+            if let Err(e) = releaser(&format!("sh -c {}", shell_quote(&release)), limit) {
+                log::warn!("{host}: releasing the host lock: {e} (it expires by itself)");
+            }
+        })),
+    })
+}
+
 /// `~/x` as the shell should see it (`"$HOME"/'x'`), else quoted.
 fn shell_path(p: &str) -> String {
     match p.strip_prefix("~/") {

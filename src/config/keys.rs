@@ -314,6 +314,18 @@ pub const ROUTE_KEYS: &[Key<Route>] = &[
         set: |r, v, _| put(&mut r.keep_releases, count_within(v, 1..=MAX_RETRIES).map(Some)),
     },
     Key {
+        name: "lock_ttl",
+        default: Text("10m"),
+        help: "Rollout: the host lock expires this long after its last renewal (it is renewed while held).",
+        set: |r, v, _| put(&mut r.lock_ttl, duration_within(v, true, MAX_TIMEOUT)),
+    },
+    Key {
+        name: "lock_wait",
+        default: Text("0"),
+        help: "Rollout: how long to wait for a host locked by another dispatcher (0: fail at once, naming it).",
+        set: |r, v, _| put(&mut r.lock_wait, duration_within(v, false, MAX_TIMEOUT)),
+    },
+    Key {
         name: "health_passes",
         default: Text("1"),
         help: "Consecutive passing tries a host needs, 1-100.",
@@ -760,6 +772,8 @@ fn unset_route(s: &RawSection, regex: Regex) -> Route {
         current: None,
         activate_command: None,
         keep_releases: None,
+        lock_ttl: zero,
+        lock_wait: zero,
     }
 }
 

@@ -567,3 +567,107 @@ fn a_rolling_update_behind_nginx_fails_no_request() {
     let up = fs::read_to_string(nginx.prefix.join("upstream.conf")).unwrap();
     assert!(!up.contains("down"), "{up}");
 }
+
+/// Two dispatch processes rolling out to the same two hosts at once: the
+/// host lock makes them take turns on each host — no install of one
+/// overlaps an install of the other.
+#[test]
+fn two_dispatchers_aimed_at_the_same_hosts_take_turns() {
+    let f = fleet(2);
+    let cfg = f.config(&format!(
+        "strategy = serial\nlock_wait = 60s\ninstall_command = {TIMED_INSTALL}\n"
+    ));
+    let run = |tag: &str| {
+        let files: Vec<PathBuf> = (1..=3)
+            .map(|i| {
+                f.ws.file(&format!("app-{tag}{i}.tgz"), format!("{tag}{i}").as_bytes())
+            })
+            .collect();
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .args(files)
+            .spawn()
+    };
+    let (a, b) = (run("a"), run("b"));
+    let (ra, rb) = (
+        a.wait(Duration::from_secs(120)),
+        b.wait(Duration::from_secs(120)),
+    );
+    ra.assert_code(0);
+    rb.assert_code(0);
+    let window = |i: usize, tag: &str| -> (u128, u128) {
+        let read = |k: usize, what: &str| -> u128 {
+            let c = servers::copies(&f.root(i), &format!("app-{tag}{k}.tgz.{what}"));
+            String::from_utf8_lossy(&c[0]).trim().parse().unwrap()
+        };
+        (
+            (1..=3).map(|k| read(k, "start")).min().unwrap(),
+            (1..=3).map(|k| read(k, "end")).max().unwrap(),
+        )
+    };
+    for i in 0..2 {
+        let (wa, wb) = (window(i, "a"), window(i, "b"));
+        assert!(
+            wa.1 < wb.0 || wb.1 < wa.0,
+            "host {i}: installs overlap: {wa:?} {wb:?}"
+        );
+        assert!(
+            !f.hosts[i].user().home.join(".dispatch-host.lock").exists(),
+            "lock left"
+        );
+    }
+}
+
+/// A live lock of another dispatcher is refused at once, naming it; an
+/// expired one is taken over (and released after).
+#[test]
+fn a_live_host_lock_is_refused_with_its_holder_and_an_expired_one_taken_over() {
+    let f = fleet(2);
+    let cfg =
+        f.config("strategy = serial\ninstall_command = sha256sum {name} > {name}.installed\n");
+    let user = f.hosts[0].user();
+    let lock = user.home.join(".dispatch-host.lock");
+    let plant = |expires: u64| {
+        fs::create_dir_all(&lock).unwrap();
+        fs::write(
+            lock.join("owner"),
+            format!(
+                "token=0123 machine=elsewhere pid=4242 rollout=r-other since=1 expires={expires}\n"
+            ),
+        )
+        .unwrap();
+        for p in [&lock, &lock.join("owner")] {
+            std::os::unix::fs::chown(p, Some(user.uid), Some(user.gid)).unwrap();
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    plant(now + 3600);
+    let r = f.run(&cfg).assert_code(1);
+    assert!(
+        r.stdout
+            .contains("locked by another rollout (token=0123 machine=elsewhere pid=4242"),
+        "{r}"
+    );
+    let st = f.states(&r);
+    assert_eq!(st[0], all("failed"), "{r}");
+    assert_eq!(st[1], all("skipped"), "{r}");
+    assert_eq!(f.installed(0), 0, "a locked host was touched");
+    assert!(
+        fs::read_to_string(lock.join("owner"))
+            .unwrap()
+            .contains("token=0123"),
+        "the live lock was broken"
+    );
+
+    plant(now - 60);
+    let r = f.run(&cfg).assert_code(0);
+    assert!(
+        r.stderr.contains("took over an expired lock: token=0123"),
+        "{r}"
+    );
+    assert_eq!(f.installed(0), 3);
+    assert!(!lock.exists(), "the lock taken over was not released");
+}
