@@ -50,6 +50,30 @@ Exit codes:
   1  something is parked (see its reason), or no daemon answered
   2  usage or configuration error (status_listen = off)";
 
+const RELEASES_HELP: &str = "\
+Examples:
+  dispatch releases 'web-'            every host of the route [web-]: its releases, the active one marked
+  dispatch releases web-1.2.tar.gz --host web1 --json
+
+Exit codes:
+  0  every host answered
+  1  a host could not be asked
+  2  usage or configuration error (no such route, or it has no `current`)";
+
+const ROLLBACK_HELP: &str = "\
+Examples:
+  dispatch rollback 'web-'            every host back to the release before its active one
+  dispatch rollback 'web-' --to 20261204_101500 --host web1
+
+The release must be a good one on every host concerned (checked before any
+host is touched); the route's strategy, host lock, hooks, activate_command and
+health gate apply as in a rollout.
+
+Exit codes:
+  0  every host is on the release and healthy
+  1  a host failed (or was skipped after one failed)
+  2  usage or configuration error (no such route or release, no `current`)";
+
 const ROUTE_HELP: &str = "\
 Examples:
   dispatch route web-1.2.tar.gz       which section, hosts, remote dir and install command
@@ -160,6 +184,29 @@ pub enum Command {
     /// Ask the running daemon what it is doing (its status server)
     #[command(after_help = STATUS_HELP)]
     Status,
+    /// Each host's releases of a route (`current`), and which one is active
+    #[command(after_help = RELEASES_HELP)]
+    Releases {
+        /// The route: its section name, or a file name it takes
+        #[arg(value_name = "ROUTE")]
+        route: String,
+        /// Only this host (repeatable)
+        #[arg(long, value_name = "HOST")]
+        host: Vec<String>,
+    },
+    /// Point a route's hosts back at an earlier release, host by host as its rollout goes
+    #[command(after_help = ROLLBACK_HELP)]
+    Rollback {
+        /// The route: its section name, or a file name it takes
+        #[arg(value_name = "ROUTE")]
+        route: String,
+        /// Only this host (repeatable)
+        #[arg(long, value_name = "HOST")]
+        host: Vec<String>,
+        /// The release (its dir name); default: the one before the active one
+        #[arg(long, value_name = "RELEASE")]
+        to: Option<String>,
+    },
     /// Write the man pages: dispatch.1 to stdout, or every page into DIR
     #[command(hide = true)]
     Man {
@@ -268,6 +315,22 @@ impl std::error::Error for SinceError {}
 /// The global options each subcommand uses (by id); the others are left
 /// out of its `--help` (still accepted, and ignored).
 const OPTIONS_THAT_APPLY: &[(&str, &[&str])] = &[
+    (
+        "releases",
+        &["config", "netrc", "log_config", "json", "quiet", "verbose"],
+    ),
+    (
+        "rollback",
+        &[
+            "config",
+            "netrc",
+            "log_config",
+            "jobs",
+            "json",
+            "quiet",
+            "verbose",
+        ],
+    ),
     (
         "watch",
         &[
@@ -440,6 +503,8 @@ pub fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
         "check",
         "history",
         "status",
+        "releases",
+        "rollback",
         "man",
         "completions",
         "help",
@@ -509,6 +574,8 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
         }
         Some(Command::Watch { dirs }) => crate::daemon::run(&g, dirs),
         Some(Command::Status) => crate::status::client::run(&g),
+        Some(Command::Releases { route, host }) => releases(&g, &route, &host),
+        Some(Command::Rollback { route, host, to }) => rollback(&g, &route, &host, to.as_deref()),
         Some(Command::Hook { vcs }) => crate::hook::run(&g, vcs),
     }
 }
@@ -1016,6 +1083,158 @@ fn man(dir: Option<PathBuf>) -> Result<u8, Error> {
         }
     }
     Ok(code::OK)
+}
+
+/// `ROUTE` of `releases` / `rollback`: a section name, else the route a
+/// file of that name takes; it must have `current`.
+fn releases_route(
+    config: &crate::config::Config,
+    name: &str,
+    hosts: &[String],
+) -> Result<(usize, Vec<String>), Error> {
+    let no = |why: &'static str| UsageError::NoSuchRoute {
+        given: name.to_string(),
+        why,
+    };
+    let idx = config
+        .routes
+        .iter()
+        .position(|r| r.section == name)
+        .or_else(|| {
+            let r = route::route(config, Path::new(name)).ok()?;
+            config.routes.iter().position(|x| std::ptr::eq(x, r.route))
+        })
+        .ok_or_else(|| no("no section of that name, and no route takes a file of that name"))?;
+    let r = &config.routes[idx];
+    if r.current.is_none() {
+        return Err(no("its route has no `current`: it keeps no releases").into());
+    }
+    if let Some(h) = hosts.iter().find(|h| !r.hosts.contains(h)) {
+        return Err(UsageError::NoSuchRoute {
+            given: format!("--host {h}"),
+            why: "not one of the route's hosts",
+        }
+        .into());
+    }
+    let chosen = r
+        .hosts
+        .iter()
+        .filter(|h| hosts.is_empty() || hosts.contains(h))
+        .cloned()
+        .collect();
+    Ok((idx, chosen))
+}
+
+fn release_batch(g: &Global, config: crate::config::Config) -> Result<crate::job::Batch, Error> {
+    Ok(crate::job::Batch {
+        netrc: Arc::new(g.load_netrc()?),
+        journal: None,
+        when: chrono::Local::now(),
+        dry_run: false,
+        sinks: Vec::new(),
+        config: Arc::new(config),
+    })
+}
+
+/// `dispatch releases ROUTE`.
+fn releases(g: &Global, name: &str, hosts: &[String]) -> Result<u8, Error> {
+    let config = g.load_config()?;
+    let (idx, hosts) = releases_route(&config, name, hosts)?;
+    let batch = release_batch(g, config)?;
+    let mut failed = false;
+    for (host, r) in batch.releases(idx, &hosts) {
+        match r {
+            Ok(rel) if g.json => println!(
+                "{}",
+                serde_json::json!({"host": host, "active": rel.active, "previous": rel.previous(),
+                                   "good": rel.good, "failed": rel.failed})
+            ),
+            Ok(rel) => print_releases(&host, &rel),
+            Err(e) => {
+                failed = true;
+                eprintln!("dispatch: {host}: cannot list its releases: {e}");
+            }
+        }
+    }
+    Ok(if failed { code::FAILED } else { code::OK })
+}
+
+fn print_releases(host: &str, rel: &crate::rollout::HostReleases) {
+    println!("{host}:");
+    let mut all: Vec<(&String, &str)> = rel
+        .good
+        .iter()
+        .map(|d| (d, "good"))
+        .chain(rel.failed.iter().map(|d| (d, "failed")))
+        .collect();
+    all.sort();
+    for (d, state) in all {
+        let mark = if rel.active.as_ref() == Some(d) {
+            "  * active"
+        } else if rel.previous() == Some(d) {
+            "  previous"
+        } else {
+            ""
+        };
+        println!("  {d}  {state}{mark}");
+    }
+    if rel.active.is_none() {
+        println!("  (no current release)");
+    }
+}
+
+/// The release `to` (default: the one before the active one on the first
+/// host), as a good release on every host, else why not.
+fn rollback_targets(
+    found: Vec<(String, Result<crate::rollout::HostReleases, String>)>,
+    to: Option<&str>,
+) -> Result<(String, std::collections::BTreeMap<String, String>), UsageError> {
+    let mut target = std::collections::BTreeMap::new();
+    let mut wanted = to.map(str::to_string);
+    for (host, r) in found {
+        let no = |why: String| UsageError::NoRelease {
+            host: host.clone(),
+            why,
+        };
+        let rel = r.map_err(|e| no(format!("cannot list its releases: {e}")))?;
+        if wanted.is_none() {
+            let prev = rel
+                .previous()
+                .ok_or_else(|| no("no good release before the active one".into()))?;
+            wanted = prev.rsplit('/').next().map(str::to_string);
+        }
+        let w = wanted.clone().unwrap_or_default();
+        let dir = rel
+            .find(&w)
+            .ok_or_else(|| no(format!("no good release {w}")))?;
+        target.insert(host, dir.clone());
+    }
+    Ok((wanted.unwrap_or_default(), target))
+}
+
+/// `dispatch rollback ROUTE [--host H…] [--to RELEASE]`: the release is
+/// chosen and checked on every host first; then the rollout.
+fn rollback(g: &Global, name: &str, hosts: &[String], to: Option<&str>) -> Result<u8, Error> {
+    let config = g.load_config()?;
+    let (idx, hosts) = releases_route(&config, name, hosts)?;
+    let pool = crate::app::pool(g, &config);
+    let batch = release_batch(g, config)?;
+    let (release, target) = rollback_targets(batch.releases(idx, &hosts), to)?;
+    let mut failed = false;
+    for end in batch.rollback(idx, target, &pool) {
+        failed |= end.error.is_some();
+        if g.json {
+            let v = serde_json::json!({"host": end.host, "release": release,
+                                       "ok": end.error.is_none(), "error": end.error});
+            println!("{v}");
+        } else {
+            match &end.error {
+                None => println!("{}: rolled back to {release}", end.host),
+                Some(e) => println!("{}: FAILED: {e}", end.host),
+            }
+        }
+    }
+    Ok(if failed { code::FAILED } else { code::OK })
 }
 
 #[cfg(test)]

@@ -135,6 +135,10 @@ pub enum UsageError {
         given: String,
         command: &'static str,
     },
+    /// `releases` / `rollback ROUTE`: no such route, or one without releases.
+    NoSuchRoute { given: String, why: &'static str },
+    /// `rollback`: the release is not there (as a good one) on a host.
+    NoRelease { host: String, why: String },
 }
 
 /// Bad input to `dispatch hook`.
@@ -286,6 +290,10 @@ impl fmt::Display for UsageError {
                 f,
                 "`{given}` is neither a file nor a command (did you mean `dispatch {command}`?)"
             ),
+            UsageError::NoSuchRoute { given, why } => write!(f, "`{given}`: {why}"),
+            UsageError::NoRelease { host, why } => {
+                write!(f, "{host}: {why}; no host was touched")
+            }
         }
     }
 }
@@ -296,7 +304,11 @@ impl std::error::Error for UsageError {
             UsageError::Stdin(e) => Some(e),
             UsageError::Netrc(e) => Some(e),
             UsageError::Hook(i) => i.source(),
-            UsageError::NoFiles | UsageError::NoDropDir | UsageError::NotACommand { .. } => None,
+            UsageError::NoFiles
+            | UsageError::NoDropDir
+            | UsageError::NotACommand { .. }
+            | UsageError::NoSuchRoute { .. }
+            | UsageError::NoRelease { .. } => None,
         }
     }
 }

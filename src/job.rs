@@ -130,10 +130,14 @@ impl Batch {
                 bus: Arc::clone(&bus),
                 pool: pool.clone(),
                 out: out.clone(),
+                release_of: BTreeMap::new(),
+                ends: Mutex::new(Vec::new()),
             };
             let spawned = std::thread::Builder::new()
                 .name("rollout".into())
-                .spawn(move || r.run(conns));
+                .spawn(move || {
+                    r.run(conns);
+                });
             if let Err(e) = spawned {
                 log::error!("cannot start the rollout of route {route}: {e}");
             }
@@ -209,10 +213,85 @@ struct Rollout {
     bus: Arc<Bus>,
     pool: threadpool::ThreadPool,
     out: Sender<Outcome>,
+    /// A rollback: no files, each host's `current` pointed at this release.
+    release_of: BTreeMap<String, String>,
+    /// How each host ended: (host, why it failed).
+    ends: Mutex<Vec<(String, Option<String>)>>,
+}
+
+/// The end of one host of a rollback: its release before, and why it failed.
+#[derive(Debug, Clone)]
+pub struct HostEnd {
+    pub host: String,
+    pub error: Option<String>,
+}
+
+impl Batch {
+    /// Each host's releases of `route` (its `current` and the marks).
+    pub fn releases(
+        &self,
+        route: usize,
+        hosts: &[String],
+    ) -> Vec<(String, Result<rollout::HostReleases, String>)> {
+        let r = &self.config.routes[route];
+        let Some(cur) = &r.current else {
+            return Vec::new();
+        };
+        let script = format!("sh -c {}", shell_quote(&rollout::releases_script(cur)));
+        std::thread::scope(|s| {
+            let asks: Vec<_> = hosts
+                .iter()
+                .map(|h| {
+                    let script = &script;
+                    s.spawn(move || {
+                        let t = ssh_target_of(r, h, &self.netrc);
+                        let out = remote_command(&mut None, &t, script, r.hook_timeout);
+                        (h.clone(), out.map(|o| rollout::parse_releases(&o)))
+                    })
+                })
+                .collect();
+            asks.into_iter()
+                .map(|a| {
+                    a.join()
+                        .unwrap_or_else(|_| (String::new(), Err("internal error".into())))
+                })
+                .collect()
+        })
+    }
+
+    /// Point each host's `current` at `to[host]`, host by host as the
+    /// route's rollout goes (waves, locks, hooks, activate, health).
+    pub fn rollback(
+        &self,
+        route: usize,
+        to: BTreeMap<String, String>,
+        pool: &threadpool::ThreadPool,
+    ) -> Vec<HostEnd> {
+        let (out, _rx) = crossbeam_channel::unbounded();
+        let conns = to
+            .keys()
+            .map(|h| plan::Connection {
+                host: h.clone(),
+                route,
+                deliveries: Vec::new(),
+                lanes: 1,
+            })
+            .collect();
+        let r = Rollout {
+            batch: self.clone(),
+            route,
+            bus: Arc::new(self.bus()),
+            pool: pool.clone(),
+            out,
+            release_of: to,
+            ends: Mutex::new(Vec::new()),
+        };
+        r.run(conns)
+    }
 }
 
 impl Rollout {
-    fn run(self, mut conns: Vec<plan::Connection>) {
+    fn run(self, mut conns: Vec<plan::Connection>) -> Vec<HostEnd> {
         let config = Arc::clone(&self.batch.config);
         let route = &config.routes[self.route];
         let order = |h: &str| {
@@ -263,6 +342,16 @@ impl Rollout {
                 route.section
             );
         }
+        let ends = self.ends.lock().map(|e| e.clone()).unwrap_or_default();
+        ends.into_iter()
+            .map(|(host, error)| HostEnd { host, error })
+            .collect()
+    }
+
+    fn end(&self, host: &str, error: Option<String>) {
+        if let Ok(mut e) = self.ends.lock() {
+            e.push((host.to_string(), error));
+        }
     }
 
     /// One host through its gates; true when it failed.
@@ -291,11 +380,19 @@ impl Rollout {
                 for it in &items {
                     self.finish(Outcome::failed(it, &host, &route.section, &why));
                 }
+                self.end(&host, Some(why));
                 return true;
             }
         };
+        let fixed = self.release_of.get(&host).cloned();
         let mut outcomes = Vec::new();
         let gates = rollout::run_host(&run, &mut remote, || {
+            if let Some(release) = fixed {
+                return rollout::Delivered {
+                    ok: true,
+                    release: Some(release),
+                };
+            }
             let (tx, rx) = crossbeam_channel::unbounded();
             self.batch.start_lanes(c, &self.bus, &self.pool, tx, true);
             outcomes = rx.iter().collect();
@@ -312,6 +409,7 @@ impl Rollout {
             }
         });
         drop(lock);
+        self.end(&host, gates.before.clone().or(gates.after.clone()));
         if let Some(why) = &gates.before {
             for it in &items {
                 self.finish(Outcome::failed(it, &host, &route.section, why));
@@ -348,6 +446,7 @@ impl Rollout {
         let why = format!(
             "not started: the rollout stopped after {failed} failed host(s) (max_failures allows {allowed})"
         );
+        self.end(&c.host, Some(why.clone()));
         for d in &c.deliveries {
             let mut o = Outcome::failed(&d.item, &c.host, &route.section, &why);
             o.state = "skipped".into();

@@ -430,6 +430,57 @@ pub fn lock_host(
     })
 }
 
+/// A host's releases, as `current` and the marks say (absolute paths,
+/// oldest first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostReleases {
+    pub active: Option<String>,
+    pub good: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+impl HostReleases {
+    /// The newest good release older than the active one.
+    pub fn previous(&self) -> Option<&String> {
+        let active = self.active.as_deref()?;
+        self.good.iter().rev().find(|g| g.as_str() < active)
+    }
+
+    /// The good release named `name` (its base name, or its path).
+    pub fn find(&self, name: &str) -> Option<&String> {
+        self.good
+            .iter()
+            .find(|g| g.as_str() == name || g.rsplit('/').next() == Some(name))
+    }
+}
+
+/// Lists the releases beside the one `current` points at.
+pub fn releases_script(current: &str) -> String {
+    format!(
+        "cur={}; a=$(readlink \"$cur\" 2>/dev/null || true); echo \"active=$a\"; [ -n \"$a\" ] || exit 0; \
+         p=$(dirname \"$a\"); for m in \"$p\"/*/.dispatch-release-ok; do [ -e \"$m\" ] && echo \"ok=${{m%/.dispatch-release-ok}}\"; done; \
+         for m in \"$p\"/*/.dispatch-release-failed; do [ -e \"$m\" ] && echo \"failed=${{m%/.dispatch-release-failed}}\"; done; true",
+        shell_path(current)
+    )
+}
+
+/// What [`releases_script`] printed.
+pub fn parse_releases(out: &str) -> HostReleases {
+    let mut r = HostReleases::default();
+    for l in out.lines() {
+        if let Some(a) = l.strip_prefix("active=") {
+            r.active = (!a.is_empty()).then(|| a.to_string());
+        } else if let Some(g) = l.strip_prefix("ok=") {
+            r.good.push(g.to_string());
+        } else if let Some(f) = l.strip_prefix("failed=") {
+            r.failed.push(f.to_string());
+        }
+    }
+    r.good.sort();
+    r.failed.sort();
+    r
+}
+
 /// `~/x` as the shell should see it (`"$HOME"/'x'`), else quoted.
 fn shell_path(p: &str) -> String {
     match p.strip_prefix("~/") {

@@ -334,6 +334,63 @@ fn releases_switch_current_keep_two_and_roll_back_an_unhealthy_one() {
     let acts = fs::read_to_string(home(0).join("activations")).unwrap();
     assert_eq!(acts.lines().count(), 5, "{acts}");
     assert_eq!(acts.lines().last().unwrap(), good.to_str().unwrap());
+
+    // by hand: every host back to the release before the active one (v2)
+    let cmd = |args: &[&str]| {
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .args(args)
+            .run()
+    };
+    let listed = cmd(&["releases", "app-", "--json"]).assert_code(0);
+    let hosts: Vec<Value> = listed
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(hosts.len(), 2, "{listed}");
+    assert_eq!(hosts[0]["active"], good.to_str().unwrap(), "{listed}");
+    let v2 = hosts[0]["previous"].as_str().unwrap().to_string();
+    assert_eq!(
+        fs::read_to_string(Path::new(&v2).join("VERSION")).unwrap(),
+        "v2"
+    );
+    let back = cmd(&["rollback", "app-"]).assert_code(0);
+    let name = Path::new(&v2)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    for i in 0..2 {
+        assert_eq!(
+            fs::read_to_string(current(i).join("VERSION")).unwrap(),
+            "v2",
+            "{back}"
+        );
+        assert!(
+            back.stdout
+                .contains(&format!("{}: rolled back to {name}", f.hosts[i].addr)),
+            "{back}"
+        );
+        let acts = fs::read_to_string(home(i).join("activations")).unwrap();
+        assert_eq!(
+            acts.lines().last().unwrap(),
+            current(i).to_str().unwrap(),
+            "host {i}"
+        );
+    }
+    // a release that is not on every host: refused before any host is touched
+    let r = cmd(&["rollback", "app-", "--to", "19990101_000000_0"]).assert_code(2);
+    assert!(
+        r.stderr
+            .contains("no good release 19990101_000000_0; no host was touched"),
+        "{r}"
+    );
+    assert_eq!(
+        fs::read_to_string(current(0).join("VERSION")).unwrap(),
+        "v2"
+    );
 }
 
 /// Backends (`python3 -m http.server` as each host's user, serving
