@@ -42,6 +42,9 @@ pub struct Global {
     /// JSON lines: one object per input and per file × host result, then a summary
     #[arg(long, global = true)]
     pub json: bool,
+    /// Roll out a version older than a host's active release (routes with `current`)
+    #[arg(long, global = true)]
+    pub allow_downgrade: bool,
     /// Less output
     #[arg(short, long, global = true)]
     pub quiet: bool,
@@ -309,6 +312,7 @@ pub fn run_batch(
         when: chrono::Local::now(),
         dry_run: g.dry_run,
         sinks,
+        allow_downgrade: g.allow_downgrade,
     };
     // every file × host the batch owes a result for
     let mut owed: Vec<Outcome> = Vec::new();

@@ -1132,6 +1132,7 @@ fn release_batch(g: &Global, config: crate::config::Config) -> Result<crate::job
         when: chrono::Local::now(),
         dry_run: false,
         sinks: Vec::new(),
+        allow_downgrade: false,
         config: Arc::new(config),
     })
 }

@@ -712,6 +712,7 @@ impl Daemon {
                 .iter()
                 .map(|s| Arc::clone(s) as Arc<dyn crate::event::Sink>)
                 .collect(),
+            allow_downgrade: self.g.allow_downgrade,
         };
         batch.run(items, &self.pool, self.out_tx.clone());
     }

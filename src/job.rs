@@ -97,6 +97,8 @@ pub struct Batch {
     pub dry_run: bool,
     /// Subscribers after the log and the journal (the console).
     pub sinks: Vec<Arc<dyn Sink>>,
+    /// Roll out a version older than a host's active release.
+    pub allow_downgrade: bool,
 }
 
 impl Batch {
@@ -132,6 +134,7 @@ impl Batch {
                 out: out.clone(),
                 release_of: BTreeMap::new(),
                 ends: Mutex::new(Vec::new()),
+                content: std::sync::OnceLock::new(),
             };
             let spawned = std::thread::Builder::new()
                 .name("rollout".into())
@@ -217,6 +220,8 @@ struct Rollout {
     release_of: BTreeMap<String, String>,
     /// How each host ended: (host, why it failed).
     ends: Mutex<Vec<(String, Option<String>)>>,
+    /// The batch's content hash, for the releases' marks.
+    content: std::sync::OnceLock<Option<String>>,
 }
 
 /// The end of one host of a rollback: its release before, and why it failed.
@@ -285,6 +290,7 @@ impl Batch {
             out,
             release_of: to,
             ends: Mutex::new(Vec::new()),
+            content: std::sync::OnceLock::new(),
         };
         r.run(conns)
     }
@@ -348,6 +354,59 @@ impl Rollout {
             .collect()
     }
 
+    /// The batch's content, once: the sha256 of its one file (of the files'
+    /// names and sha256s when several), read from the descriptors.
+    fn content_sha256(&self, items: &[Item]) -> Option<String> {
+        self.content
+            .get_or_init(|| {
+                let files: Vec<(&str, &crate::local::LocalFile)> = items
+                    .iter()
+                    .filter_map(|i| Some((i.name.as_str(), i.file.as_deref()?)))
+                    .collect();
+                (files.len() == items.len() && !files.is_empty())
+                    .then(|| rollout::content_sha256(&files))
+                    .flatten()
+            })
+            .clone()
+    }
+
+    /// Versions: a host whose active release is newer is refused (unless
+    /// `--allow-downgrade`), one already on this version and content is
+    /// left as it is. Some(failed) when the host is done with.
+    fn against_active(
+        &self,
+        run: &rollout::HostRun<'_>,
+        remote: rollout::Remote<'_>,
+        items: &[Item],
+    ) -> Option<bool> {
+        let cur = run.route.current.as_deref()?;
+        run.version?;
+        let script = format!("sh -c {}", shell_quote(&rollout::active_mark_script(cur)));
+        let mark = remote(&script, run.route.hook_timeout).unwrap_or_default();
+        let verdict = rollout::against_active(run, &mark, self.batch.allow_downgrade)?;
+        let section = &run.route.section;
+        match verdict {
+            Err(why) => {
+                for it in items {
+                    self.finish(Outcome::failed(it, run.host, section, &why));
+                }
+                self.end(run.host, Some(why));
+                Some(true)
+            }
+            Ok(note) => {
+                for it in items {
+                    let mut o = Outcome::failed(it, run.host, section, "");
+                    o.state = "installed".into();
+                    o.ok = true;
+                    o.output_tail = Some(note.clone());
+                    self.finish(o);
+                }
+                self.end(run.host, None);
+                Some(false)
+            }
+        }
+    }
+
     fn end(&self, host: &str, error: Option<String>) {
         if let Ok(mut e) = self.ends.lock() {
             e.push((host.to_string(), error));
@@ -360,10 +419,14 @@ impl Rollout {
         let route = &config.routes[self.route];
         let host = c.host.clone();
         let items: Vec<Item> = c.deliveries.iter().map(|d| d.item.clone()).collect();
+        let version = items.iter().find_map(|i| i.groups.get("version").cloned());
+        let sha256 = self.content_sha256(&items);
         let run = rollout::HostRun {
             route,
             host: &host,
             rollout: id,
+            version: version.as_deref(),
+            sha256: sha256.as_deref(),
         };
         let target = ssh_target_of(route, &host, &self.batch.netrc);
         let mut session: Option<SshSession> = None;
@@ -385,6 +448,12 @@ impl Rollout {
             }
         };
         let fixed = self.release_of.get(&host).cloned();
+        if fixed.is_none() {
+            if let Some(done) = self.against_active(&run, &mut remote, &items) {
+                drop(lock);
+                return done;
+            }
+        }
         let mut outcomes = Vec::new();
         let gates = rollout::run_host(&run, &mut remote, || {
             if let Some(release) = fixed {
@@ -409,10 +478,22 @@ impl Rollout {
             }
         });
         drop(lock);
-        self.end(&host, gates.before.clone().or(gates.after.clone()));
+        self.report(&host, &route.section, &items, &gates, outcomes)
+    }
+
+    /// A host's results once its gates are done; true when it failed.
+    fn report(
+        &self,
+        host: &str,
+        section: &str,
+        items: &[Item],
+        gates: &rollout::Gates,
+        outcomes: Vec<Outcome>,
+    ) -> bool {
+        self.end(host, gates.before.clone().or(gates.after.clone()));
         if let Some(why) = &gates.before {
-            for it in &items {
-                self.finish(Outcome::failed(it, &host, &route.section, why));
+            for it in items {
+                self.finish(Outcome::failed(it, host, section, why));
             }
             return true;
         }

@@ -45,6 +45,10 @@ pub struct HostRun<'a> {
     pub host: &'a str,
     /// Names this rollout in the hooks' environment.
     pub rollout: &'a str,
+    /// What is rolled out: the route's `(?P<version>…)` and the content's
+    /// sha256, written in the release's mark.
+    pub version: Option<&'a str>,
+    pub sha256: Option<&'a str>,
 }
 
 /// How a host's gates went.
@@ -430,6 +434,147 @@ pub fn lock_host(
     })
 }
 
+/// dpkg's ordering of versions (`[epoch:]upstream[-revision]`; `~` sorts
+/// before anything, even the end).
+pub fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let ((ea, ua, ra), (eb, ub, rb)) = (version_parts(a), version_parts(b));
+    ea.cmp(&eb)
+        .then_with(|| version_part_cmp(ua, ub))
+        .then_with(|| version_part_cmp(ra, rb))
+}
+
+fn version_parts(v: &str) -> (u64, &str, &str) {
+    let (epoch, rest) = match v.split_once(':') {
+        Some((e, r)) if !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()) => {
+            (e.parse().unwrap_or(0), r)
+        }
+        _ => (0, v),
+    };
+    match rest.rsplit_once('-') {
+        Some((u, r)) => (epoch, u, r),
+        None => (epoch, rest, ""),
+    }
+}
+
+/// A character's weight in dpkg's comparison of the non-digit parts.
+fn version_char(c: Option<char>) -> i32 {
+    match c {
+        Some('~') => -1,
+        None => 0,
+        Some(c) if c.is_ascii_alphabetic() => c as i32,
+        Some(c) => c as i32 + 256,
+    }
+}
+
+fn version_part_cmp(mut a: &str, mut b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering::Equal;
+    let digit = |c: char| c.is_ascii_digit();
+    while !a.is_empty() || !b.is_empty() {
+        let (na, nb) = (
+            a.find(digit).unwrap_or(a.len()),
+            b.find(digit).unwrap_or(b.len()),
+        );
+        let (mut ia, mut ib) = (a[..na].chars(), b[..nb].chars());
+        loop {
+            let (x, y) = (ia.next(), ib.next());
+            if x.is_none() && y.is_none() {
+                break;
+            }
+            let o = version_char(x).cmp(&version_char(y));
+            if o != Equal {
+                return o;
+            }
+        }
+        (a, b) = (&a[na..], &b[nb..]);
+        let not_digit = |c: char| !c.is_ascii_digit();
+        let (da, db) = (
+            a.find(not_digit).unwrap_or(a.len()),
+            b.find(not_digit).unwrap_or(b.len()),
+        );
+        let (xa, xb) = (
+            a[..da].trim_start_matches('0'),
+            b[..db].trim_start_matches('0'),
+        );
+        let o = xa.len().cmp(&xb.len()).then_with(|| xa.cmp(xb));
+        if o != Equal {
+            return o;
+        }
+        (a, b) = (&a[da..], &b[db..]);
+    }
+    Equal
+}
+
+/// The sha256 of one file, or of the files' names and sha256s, read from
+/// their descriptors (positional reads: the lanes' offsets stay theirs).
+pub fn content_sha256(files: &[(&str, &crate::local::LocalFile)]) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::FileExt;
+    let hash = |f: &crate::local::LocalFile| -> Option<String> {
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut at = 0u64;
+        loop {
+            let n = f.file.read_at(&mut buf, at).ok()?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Some(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    };
+    if let [(_, f)] = files {
+        return hash(f);
+    }
+    let mut lines: Vec<String> = files
+        .iter()
+        .map(|(n, f)| Some(format!("{} {n}\n", hash(f)?)))
+        .collect::<Option<_>>()?;
+    lines.sort();
+    let all = Sha256::digest(lines.concat().as_bytes());
+    Some(all.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// What the active release's mark says (`version=… sha256=…`).
+pub fn active_mark_script(current: &str) -> String {
+    format!(
+        "cat \"$(readlink {})\"/.dispatch-release-ok 2>/dev/null; true",
+        shell_path(current)
+    )
+}
+
+/// What to do about the active release: None to go on, `Err` refused (a
+/// downgrade), `Ok` already there (same version, same content).
+pub fn against_active(
+    h: &HostRun<'_>,
+    mark: &str,
+    allow_downgrade: bool,
+) -> Option<Result<String, String>> {
+    let field = |k: &str| {
+        mark.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).map(str::to_string))
+            .filter(|v| !v.is_empty())
+    };
+    let (new, active) = (h.version?, field("version=")?);
+    match version_cmp(new, &active) {
+        std::cmp::Ordering::Less if allow_downgrade => {
+            log::warn!("{}: downgrade from {active} to {new} (--allow-downgrade)", h.host);
+            None
+        }
+        std::cmp::Ordering::Less => Some(Err(format!(
+            "downgrade refused: {new} is older than the active {active} (--allow-downgrade to do it)"
+        ))),
+        std::cmp::Ordering::Equal
+            if h.sha256.is_some() && field("sha256=").as_deref() == h.sha256 =>
+        {
+            Some(Ok(format!(
+                "{new} is already the active release, same content: nothing sent"
+            )))
+        }
+        _ => None,
+    }
+}
+
 /// A host's releases, as `current` and the marks say (absolute paths,
 /// oldest first).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -533,7 +678,12 @@ fn releases_after(
     } else {
         ".dispatch-release-failed"
     };
-    let mut script = format!("touch {}/{mark}", shell_quote(dir));
+    let what = format!(
+        "version={} sha256={}",
+        h.version.unwrap_or(""),
+        h.sha256.unwrap_or("")
+    );
+    let mut script = format!("echo {} > {}/{mark}", shell_quote(&what), shell_quote(dir));
     if good {
         if let Some(keep) = r.keep_releases {
             script += &format!("; {}", prune_script(dir, prev, keep));
@@ -731,6 +881,8 @@ mod tests {
             route: &r,
             host: "a",
             rollout: "t",
+            version: None,
+            sha256: None,
         };
         let mut ran = false;
         let g = run_host(&h, &mut no_remote(), || {
@@ -757,6 +909,8 @@ mod tests {
             route: &r,
             host: "a",
             rollout: "t",
+            version: None,
+            sha256: None,
         };
         let g = run_host(&a, &mut no_remote(), ok);
         assert!(
@@ -772,6 +926,8 @@ mod tests {
             route: &r,
             host: "b",
             rollout: "t",
+            version: None,
+            sha256: None,
         };
         assert_eq!(run_host(&b, &mut no_remote(), ok), Gates::default());
         assert!(mark.exists(), "b was not undrained");
@@ -790,6 +946,8 @@ mod tests {
             route: &r,
             host: "a",
             rollout: "t",
+            version: None,
+            sha256: None,
         };
         assert_eq!(run_host(&h, &mut no_remote(), ok), Gates::default());
         assert_eq!(std::fs::read_to_string(&n).unwrap().lines().count(), 4);
@@ -807,6 +965,8 @@ mod tests {
             route: &r,
             host: "a;b c",
             rollout: "r-1",
+            version: None,
+            sha256: None,
         };
         run_host(&h, &mut no_remote(), ok);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "a;b c|a;b c|x|r-1|");
@@ -818,5 +978,22 @@ mod tests {
         let e = run_local("sleep 30", &[], Duration::from_millis(200)).unwrap_err();
         assert!(e.starts_with("timed out"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn versions_order_as_dpkg_does() {
+        use std::cmp::Ordering::*;
+        for (a, b, o) in [
+            ("1.2", "1.10", Less),
+            ("1.2.0", "1.2", Greater),
+            ("1.0~rc1", "1.0", Less),
+            ("1:0.9", "2.0", Greater),
+            ("2.0-1", "2.0-2", Less),
+            ("1.2a", "1.2", Greater),
+            ("1.02", "1.2", Equal),
+            ("1.0", "1.0", Equal),
+        ] {
+            assert_eq!(version_cmp(a, b), o, "{a} vs {b}");
+        }
     }
 }

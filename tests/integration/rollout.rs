@@ -728,3 +728,49 @@ fn a_live_host_lock_is_refused_with_its_holder_and_an_expired_one_taken_over() {
     assert_eq!(f.installed(0), 3);
     assert!(!lock.exists(), "the lock taken over was not released");
 }
+
+/// Versions (the route's `(?P<version>…)`) against each host's active
+/// release: the same version and content is left as it is, an older one is
+/// refused, and rolled out with `--allow-downgrade`.
+#[test]
+fn an_older_version_is_refused_unless_allowed_and_the_same_one_is_not_sent_again() {
+    let f = fleet(1);
+    let addrs = &f.hosts[0].addr;
+    let cfg = f.ws.write_config(&format!(
+        "[dispatch]\nstate_dir = {}\n\n[app-(?P<version>[0-9.]+)\\.tgz$]\nhost = {addrs}\nport = {}\nidentity_file = {}\nknown_hosts = {}\n\
+         dest_dir = ~/app/releases/%Y%m%d_%H%M%S_%f\ncurrent = ~/app/current\ninstall_command = cp {{name}} VERSION\n",
+        f.ws.path().join("state").display(),
+        f.hosts[0].port,
+        servers::keys().ed25519.display(),
+        f.known_hosts.display(),
+    ));
+    let home = f.hosts[0].user().home.clone();
+    let active = || fs::read_to_string(home.join("app/current/VERSION")).unwrap();
+    let count = || fs::read_dir(home.join("app/releases")).unwrap().count();
+    let send = |name: &str, body: &str, extra: &[&str]| {
+        let file = f.ws.file(name, body.as_bytes());
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(extra)
+            .arg(file)
+            .run()
+    };
+    send("app-1.10.tgz", "1.10", &[]).assert_code(0);
+    assert_eq!((active(), count()), ("1.10".to_string(), 1));
+    let same = send("app-1.10.tgz", "1.10", &[]).assert_code(0);
+    assert!(
+        same.stdout
+            .contains("already the active release, same content"),
+        "{same}"
+    );
+    assert_eq!(count(), 1, "sent again: {same}");
+    let old = send("app-1.9.tgz", "1.9", &[]).assert_code(1);
+    assert!(
+        old.stdout
+            .contains("downgrade refused: 1.9 is older than the active 1.10"),
+        "{old}"
+    );
+    assert_eq!((active(), count()), ("1.10".to_string(), 1));
+    send("app-1.9.tgz", "1.9", &["--allow-downgrade"]).assert_code(0);
+    assert_eq!((active(), count()), ("1.9".to_string(), 2));
+}
