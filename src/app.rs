@@ -284,6 +284,28 @@ pub fn prepare(
     p
 }
 
+/// `--dry-run`: the waves, hooks and gates each rollout would run (a dry
+/// run connects to nothing, so it runs none of them).
+fn show_rollouts(g: &Global, config: &Config, items: &[Item]) {
+    let mut seen = Vec::new();
+    for i in items {
+        let r = &config.routes[i.route];
+        if !r.is_rollout() || seen.contains(&i.route) {
+            continue;
+        }
+        seen.push(i.route);
+        let lines = crate::rollout::describe(r);
+        if g.json {
+            println!(
+                "{}",
+                serde_json::json!({"section": r.section, "rollout": lines})
+            );
+        } else {
+            println!("[{}] {}", r.section, lines.join("\n    "));
+        }
+    }
+}
+
 /// Run a batch and collect its outcomes; the console is one of its
 /// subscribers and prints each result as it ends.
 pub fn run_batch(
@@ -324,6 +346,9 @@ pub fn run_batch(
             }
             owed.push(died(item, host, &route.section));
         }
+    }
+    if g.dry_run {
+        show_rollouts(g, &batch.config, &items);
     }
     let ticker = progress.as_ref().map(|p| p.ticker());
     batch.run(items, &pool, tx);

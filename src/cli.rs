@@ -50,6 +50,16 @@ Exit codes:
   1  something is parked (see its reason), or no daemon answered
   2  usage or configuration error (status_listen = off)";
 
+const LOCK_HELP: &str = "\
+Examples:
+  dispatch lock status 'web-'         each host of [web-]: free, or who holds it, since when, until when
+  dispatch lock break web1            a holder that died long before its expiry
+
+Exit codes:
+  0  every host answered
+  1  a host could not be asked
+  2  usage or configuration error";
+
 const RELEASES_HELP: &str = "\
 Examples:
   dispatch releases 'web-'            every host of the route [web-]: its releases, the active one marked
@@ -132,6 +142,23 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum LockCmd {
+    /// Who holds the lock on each host of a route (or on one host)
+    #[command(after_help = LOCK_HELP)]
+    Status {
+        /// A section name, or a host
+        #[arg(value_name = "ROUTE|HOST")]
+        target: String,
+    },
+    /// Remove a host's lock, whoever holds it (logged)
+    #[command(after_help = LOCK_HELP)]
+    Break {
+        #[arg(value_name = "HOST")]
+        host: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run as a daemon on the drop directories (from args or `watch` in [dispatch])
     #[command(after_help = WATCH_HELP)]
@@ -193,6 +220,11 @@ pub enum Command {
         /// Only this host (repeatable)
         #[arg(long, value_name = "HOST")]
         host: Vec<String>,
+    },
+    /// The rollout lock on hosts: who holds it; break a stale one by hand
+    Lock {
+        #[command(subcommand)]
+        action: LockCmd,
     },
     /// Point a route's hosts back at an earlier release, host by host as its rollout goes
     #[command(after_help = ROLLBACK_HELP)]
@@ -505,6 +537,7 @@ pub fn subcommand_first(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsSt
         "status",
         "releases",
         "rollback",
+        "lock",
         "man",
         "completions",
         "help",
@@ -575,6 +608,7 @@ pub fn run(cli: Cli) -> Result<u8, Error> {
         Some(Command::Watch { dirs }) => crate::daemon::run(&g, dirs),
         Some(Command::Status) => crate::status::client::run(&g),
         Some(Command::Releases { route, host }) => releases(&g, &route, &host),
+        Some(Command::Lock { action }) => lock_command(&g, action),
         Some(Command::Rollback { route, host, to }) => rollback(&g, &route, &host, to.as_deref()),
         Some(Command::Hook { vcs }) => crate::hook::run(&g, vcs),
     }
@@ -1232,6 +1266,76 @@ fn rollback(g: &Global, name: &str, hosts: &[String], to: Option<&str>) -> Resul
             match &end.error {
                 None => println!("{}: rolled back to {release}", end.host),
                 Some(e) => println!("{}: FAILED: {e}", end.host),
+            }
+        }
+    }
+    Ok(if failed { code::FAILED } else { code::OK })
+}
+
+/// The hosts `target` names (a section's hosts, or one host), each with the
+/// route whose connection settings reach it.
+fn lock_hosts(config: &crate::config::Config, target: &str) -> Result<Vec<(usize, String)>, Error> {
+    if let Some(i) = config.routes.iter().position(|r| r.section == target) {
+        return Ok(config.routes[i]
+            .hosts
+            .iter()
+            .map(|h| (i, h.clone()))
+            .collect());
+    }
+    config
+        .routes
+        .iter()
+        .position(|r| r.hosts.iter().any(|h| h == target))
+        .map(|i| vec![(i, target.to_string())])
+        .ok_or_else(|| {
+            UsageError::NoSuchRoute {
+                given: target.to_string(),
+                why: "neither a section nor a host of one",
+            }
+            .into()
+        })
+}
+
+/// `dispatch lock status ROUTE|HOST` and `dispatch lock break HOST`.
+fn lock_command(g: &Global, action: LockCmd) -> Result<u8, Error> {
+    let config = g.load_config()?;
+    let (target, breaking) = match &action {
+        LockCmd::Status { target } => (target.clone(), false),
+        LockCmd::Break { host } => (host.clone(), true),
+    };
+    let hosts = lock_hosts(&config, &target)?;
+    if breaking && hosts.len() != 1 {
+        return Err(UsageError::NoSuchRoute {
+            given: target,
+            why: "`lock break` takes one host, not a route",
+        }
+        .into());
+    }
+    let batch = release_batch(g, config)?;
+    let mut failed = false;
+    for (route, host) in hosts {
+        match batch.host_lock(route, &host, breaking) {
+            Ok(holder) => {
+                let shown = match (&holder, breaking) {
+                    (None, _) => "free".to_string(),
+                    (Some(h), false) => format!("held: {h}"),
+                    (Some(h), true) => {
+                        log::warn!("{host}: host lock broken by hand (was {h})");
+                        format!("broken (was {h})")
+                    }
+                };
+                if g.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"host": host, "holder": holder, "broken": breaking && holder.is_some()})
+                    );
+                } else {
+                    println!("{host}: {shown}");
+                }
+            }
+            Err(e) => {
+                failed = true;
+                eprintln!("dispatch: {host}: {e}");
             }
         }
     }

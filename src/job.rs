@@ -110,9 +110,10 @@ impl Batch {
     /// ([`Rollout`]); the others start at once.
     pub fn run(&self, items: Vec<Item>, pool: &threadpool::ThreadPool, out: Sender<Outcome>) {
         let bus = Arc::new(self.bus());
+        // a dry run connects to nothing: no lock, hook or gate either
         let (rolled, plain): (Vec<Item>, Vec<Item>) = items
             .into_iter()
-            .partition(|i| self.config.routes[i.route].is_rollout());
+            .partition(|i| !self.dry_run && self.config.routes[i.route].is_rollout());
         for c in plan::plan(&self.config, &plain).connections {
             queued(&bus, &c);
             self.start_lanes(c, &bus, pool, out.clone(), false);
@@ -262,6 +263,30 @@ impl Batch {
                 })
                 .collect()
         })
+    }
+
+    /// The holder of `host`'s rollout lock (None: free); with `breaking`,
+    /// the lock is removed too.
+    pub fn host_lock(
+        &self,
+        route: usize,
+        host: &str,
+        breaking: bool,
+    ) -> Result<Option<String>, String> {
+        let r = &self.config.routes[route];
+        let t = ssh_target_of(r, host, &self.netrc);
+        let script = rollout::lock_read_script(breaking);
+        let out = remote_command(
+            &mut None,
+            &t,
+            &format!("sh -c {}", shell_quote(&script)),
+            r.hook_timeout,
+        )?;
+        let holder = out
+            .lines()
+            .find(|l| l.starts_with("token="))
+            .map(str::to_string);
+        Ok(holder)
     }
 
     /// Point each host's `current` at `to[host]`, host by host as the

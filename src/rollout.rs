@@ -316,6 +316,16 @@ fn lock_script(h: &HostRun<'_>, token: &str, ttl: Duration) -> String {
     )
 }
 
+/// Print the lock's owner line (nothing: free); with `breaking`, remove it.
+pub fn lock_read_script(breaking: bool) -> String {
+    let d = format!("\"$HOME\"/{HOST_LOCK}");
+    let mut s = format!("cat {d}/owner 2>/dev/null; ");
+    if breaking {
+        s += &format!("rm -rf {d} {d}.takeover; ");
+    }
+    s + "true"
+}
+
 /// Renew (push the expiry on) or release the lock, only if `token` holds it.
 fn lock_own_script(token: &str, ttl: Option<Duration>) -> String {
     let d = format!("\"$HOME\"/{HOST_LOCK}");

@@ -150,6 +150,22 @@ fn serial_stops_at_the_first_unhealthy_host_and_skips_the_rest() {
             .contains("per host 2. health_check: test {host} != "),
         "{plan}"
     );
+    // a dry run says the same, and touches nothing (no lock, no hook)
+    let dry =
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--dry-run"])
+            .args(f.files())
+            .run()
+            .assert_code(0);
+    assert!(
+        dry.stdout.contains("[app-] rollout: serial in 4 wave(s)"),
+        "{dry}"
+    );
+    assert!(f
+        .hosts
+        .iter()
+        .all(|h| !h.user().home.join(".dispatch-host.lock").exists()));
+    assert_eq!((0..4).map(|i| f.installed(i)).sum::<usize>(), 0);
     let r = f.run(&cfg).assert_code(1);
     let st = f.states(&r);
     assert_eq!(st[0], all("installed"), "{r}");
@@ -718,6 +734,28 @@ fn a_live_host_lock_is_refused_with_its_holder_and_an_expired_one_taken_over() {
             .contains("token=0123"),
         "the live lock was broken"
     );
+    // who holds it, from the command line; broken by hand
+    let cmd = |args: &[&str]| {
+        f.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap()])
+            .args(args)
+            .run()
+    };
+    let st = cmd(&["lock", "status", "app-"]).assert_code(0);
+    assert!(
+        st.stdout.contains(&format!(
+            "{}: held: token=0123 machine=elsewhere",
+            f.hosts[0].addr
+        )),
+        "{st}"
+    );
+    assert!(
+        st.stdout.contains(&format!("{}: free", f.hosts[1].addr)),
+        "{st}"
+    );
+    let br = cmd(&["lock", "break", &f.hosts[0].addr]).assert_code(0);
+    assert!(br.stdout.contains("broken (was token=0123"), "{br}");
+    assert!(!lock.exists());
 
     plant(now - 60);
     let r = f.run(&cfg).assert_code(0);
