@@ -351,6 +351,9 @@ fn every_command_help_shows_examples_and_exit_codes() {
         &["check"][..],
         &["history"][..],
         &["status"][..],
+        &["releases"][..],
+        &["rollback"][..],
+        &["lock", "status"][..],
     ] {
         let r = ws.dispatch().args(cmd).arg("--help").run().assert_code(0);
         for part in ["Exit codes:", "  2  "] {
