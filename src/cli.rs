@@ -1162,7 +1162,7 @@ fn releases_route(
 fn release_batch(g: &Global, config: crate::config::Config) -> Result<crate::job::Batch, Error> {
     Ok(crate::job::Batch {
         netrc: Arc::new(g.load_netrc()?),
-        journal: None,
+        journal: crate::app::open_journal(&config),
         when: chrono::Local::now(),
         dry_run: false,
         sinks: Vec::new(),
@@ -1311,6 +1311,9 @@ fn lock_command(g: &Global, action: LockCmd) -> Result<u8, Error> {
         }
         .into());
     }
+    let journal = breaking
+        .then(|| crate::app::open_journal(&config))
+        .flatten();
     let batch = release_batch(g, config)?;
     let mut failed = false;
     for (route, host) in hosts {
@@ -1321,6 +1324,9 @@ fn lock_command(g: &Global, action: LockCmd) -> Result<u8, Error> {
                     (Some(h), false) => format!("held: {h}"),
                     (Some(h), true) => {
                         log::warn!("{host}: host lock broken by hand (was {h})");
+                        if let Some(j) = &journal {
+                            let _ = j.admin_event("lock-break", Some(&host), h);
+                        }
                         format!("broken (was {h})")
                     }
                 };

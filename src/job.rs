@@ -408,6 +408,12 @@ impl Rollout {
         run.version?;
         let script = format!("sh -c {}", shell_quote(&rollout::active_mark_script(cur)));
         let mark = remote(&script, run.route.hook_timeout).unwrap_or_default();
+        if self.batch.allow_downgrade && rollout::is_downgrade(run, &mark) {
+            if let Some(j) = &self.batch.journal {
+                let what = format!("{} on {}: {}", run.route.section, run.host, mark.trim());
+                let _ = j.admin_event("downgrade", Some(run.host), &what);
+            }
+        }
         let verdict = rollout::against_active(run, &mark, self.batch.allow_downgrade)?;
         let section = &run.route.section;
         match verdict {
@@ -503,7 +509,28 @@ impl Rollout {
             }
         });
         drop(lock);
+        self.journal_releases(&run, &gates);
         self.report(&host, &route.section, &items, &gates, outcomes)
+    }
+
+    /// The releases whose state changed, into the journal.
+    fn journal_releases(&self, run: &rollout::HostRun<'_>, gates: &rollout::Gates) {
+        let Some(j) = &self.batch.journal else {
+            return;
+        };
+        for (dir, state) in &gates.releases {
+            let rec = crate::journal::ReleaseRecord {
+                route: run.route.section.clone(),
+                host: run.host.to_string(),
+                dir: dir.clone(),
+                version: run.version.map(str::to_string),
+                sha256: run.sha256.map(str::to_string),
+                state: state.to_string(),
+            };
+            if let Err(e) = j.add_release(&rec) {
+                log::warn!("{}: journal: {e}", run.host);
+            }
+        }
     }
 
     /// A host's results once its gates are done; true when it failed.

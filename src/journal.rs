@@ -48,7 +48,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 mod outbox;
+mod releases;
 pub use outbox::{Notification, NotifyTarget, OutboxCounts};
+pub use releases::ReleaseRecord;
 
 use chrono::{DateTime, Local, SecondsFormat};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior};
@@ -59,8 +61,9 @@ pub const JOURNAL_FILE: &str = "journal.sqlite";
 
 /// Schema version written to `PRAGMA user_version`. 1: package, delivery,
 /// event. 2: + run (one row per delivery run), `event.run`. 3: + the
-/// notification outbox ([`outbox`]).
-const SCHEMA_VERSION: i64 = 3;
+/// notification outbox ([`outbox`]). 4: + releases per route × host and
+/// operators' actions ([`releases`]).
+const SCHEMA_VERSION: i64 = 4;
 
 /// How long a writer waits for another process's transaction.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1515,18 +1518,24 @@ fn migrate(conn: &mut Connection, fresh: bool) -> Result<(), JournalCause> {
             upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
             tx.execute_batch(outbox::SCHEMA_V3)
                 .map_err(JournalCause::Sqlite)?;
+            tx.execute_batch(releases::SCHEMA_V4)
+                .map_err(JournalCause::Sqlite)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(JournalCause::Sqlite)?;
         }
-        1 | 2 => {
+        1..=3 => {
             if version == 1 {
                 upgrade_v1_to_v2(&tx).map_err(JournalCause::Sqlite)?;
             }
-            tx.execute_batch(outbox::SCHEMA_V3)
+            if version <= 2 {
+                tx.execute_batch(outbox::SCHEMA_V3)
+                    .map_err(JournalCause::Sqlite)?;
+            }
+            tx.execute_batch(releases::SCHEMA_V4)
                 .map_err(JournalCause::Sqlite)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(JournalCause::Sqlite)?;
-            log::info!("journal: schema upgraded from version {version} to {SCHEMA_VERSION} (runs, notification outbox)");
+            log::info!("journal: schema upgraded from version {version} to {SCHEMA_VERSION} (runs, notification outbox, releases)");
         }
         SCHEMA_VERSION => {}
         v if v > SCHEMA_VERSION => return Err(JournalCause::Schema(SchemaProblem::Newer(v))),

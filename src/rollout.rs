@@ -65,6 +65,8 @@ pub struct Gates {
     /// Its release was rolled back (`current`) and it is healthy on the old
     /// one: undrained, still failed.
     pub rolled_back: bool,
+    /// Releases whose state changed: (dir, active | previous | failed).
+    pub releases: Vec<(String, &'static str)>,
 }
 
 impl HostRun<'_> {
@@ -553,6 +555,15 @@ pub fn active_mark_script(current: &str) -> String {
     )
 }
 
+/// The version rolled out is older than the active release's.
+pub fn is_downgrade(h: &HostRun<'_>, mark: &str) -> bool {
+    let active = mark
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("version="))
+        .filter(|v| !v.is_empty());
+    matches!((h.version, active), (Some(n), Some(a)) if version_cmp(n, a) == std::cmp::Ordering::Less)
+}
+
 /// What to do about the active release: None to go on, `Err` refused (a
 /// downgrade), `Ok` already there (same version, same content).
 pub fn against_active(
@@ -702,6 +713,14 @@ fn releases_after(
     if let Err(e) = remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout) {
         log::warn!("{}: releases: {e}", h.host);
     }
+    if good {
+        g.releases.push((dir.to_string(), "active"));
+        if !prev.is_empty() && prev != dir {
+            g.releases.push((prev.to_string(), "previous"));
+        }
+    } else {
+        g.releases.push((dir.to_string(), "failed"));
+    }
     if good || prev.is_empty() || prev == dir {
         return health;
     }
@@ -712,6 +731,7 @@ fn releases_after(
     match switch(h, prev, &mut *remote) {
         Ok(_) => {
             log::warn!("{}: rolled back to {prev}: {why}", h.host);
+            g.releases.push((prev.to_string(), "active"));
             // healthy again on the old release? (then it is undrained)
             match h.healthy(&mut *remote) {
                 Some(Err(e)) => {

@@ -122,6 +122,16 @@ impl Fleet {
     }
 }
 
+/// One value from the fleet's journal.
+fn journal(f: &Fleet, sql: &str) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(f.ws.path().join("state/journal.sqlite"))
+        .arg(sql)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 fn all(state: &str) -> Vec<String> {
     vec![state.to_string(); 3]
 }
@@ -351,6 +361,19 @@ fn releases_switch_current_keep_two_and_roll_back_an_unhealthy_one() {
     assert_eq!(acts.lines().count(), 5, "{acts}");
     assert_eq!(acts.lines().last().unwrap(), good.to_str().unwrap());
 
+    // the journal's record: v1 active, then previous, …, v4 failed, v3 active again
+    let states = journal(
+        &f,
+        &format!(
+            "SELECT state FROM release WHERE host = '{}' ORDER BY id",
+            f.hosts[0].addr
+        ),
+    );
+    assert_eq!(
+        states.lines().collect::<Vec<_>>(),
+        ["active", "active", "previous", "active", "previous", "failed", "active"],
+        "{states}"
+    );
     // by hand: every host back to the release before the active one (v2)
     let cmd = |args: &[&str]| {
         f.ws.dispatch()
@@ -755,6 +778,10 @@ fn a_live_host_lock_is_refused_with_its_holder_and_an_expired_one_taken_over() {
     );
     let br = cmd(&["lock", "break", &f.hosts[0].addr]).assert_code(0);
     assert!(br.stdout.contains("broken (was token=0123"), "{br}");
+    assert_eq!(
+        journal(&f, "SELECT action || ' ' || host FROM admin_event"),
+        format!("lock-break {}", f.hosts[0].addr)
+    );
     assert!(!lock.exists());
 
     plant(now - 60);
@@ -810,5 +837,12 @@ fn an_older_version_is_refused_unless_allowed_and_the_same_one_is_not_sent_again
     );
     assert_eq!((active(), count()), ("1.10".to_string(), 1));
     send("app-1.9.tgz", "1.9", &["--allow-downgrade"]).assert_code(0);
+    assert_eq!(
+        journal(
+            &f,
+            "SELECT count(*) FROM admin_event WHERE action = 'downgrade'"
+        ),
+        "1"
+    );
     assert_eq!((active(), count()), ("1.9".to_string(), 2));
 }
