@@ -458,6 +458,7 @@ impl Rollout {
             rollout: id,
             version: version.as_deref(),
             sha256: sha256.as_deref(),
+            release: Default::default(),
         };
         let target = ssh_target_of(route, &host, &self.batch.netrc);
         let mut session: Option<SshSession> = None;

@@ -49,6 +49,8 @@ pub struct HostRun<'a> {
     /// sha256, written in the release's mark.
     pub version: Option<&'a str>,
     pub sha256: Option<&'a str>,
+    /// The release dir, once the host's files are in (`DISPATCH_RELEASE`).
+    pub release: std::cell::RefCell<Option<String>>,
 }
 
 /// How a host's gates went.
@@ -103,11 +105,15 @@ impl HostRun<'_> {
     }
 
     fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut env = vec![
             ("DISPATCH_HOST", self.host.to_string()),
             ("DISPATCH_ROUTE", self.route.section.clone()),
             ("DISPATCH_ROLLOUT", self.rollout.to_string()),
-        ]
+        ];
+        if let Some(r) = self.release.borrow().as_ref() {
+            env.push(("DISPATCH_RELEASE", r.clone()));
+        }
+        env
     }
 
     /// The health gate: `health_passes` passing tries in a row within one
@@ -236,6 +242,7 @@ pub fn run_host(h: &HostRun<'_>, remote: Remote<'_>, deliver: impl FnOnce() -> D
     }
     let d = deliver();
     let delivered = d.ok;
+    h.release.replace(d.release.clone());
     // releases: current → the new release, activated, before post_remote
     // and the health gate (which check the new release)
     let mut switched: Option<(String, String)> = None;
@@ -710,8 +717,13 @@ fn releases_after(
             script += &format!("; {}", prune_script(dir, prev, keep));
         }
     }
-    if let Err(e) = remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout) {
-        log::warn!("{}: releases: {e}", h.host);
+    match remote(&format!("sh -c {}", shell_quote(&script)), r.hook_timeout) {
+        Ok(out) => {
+            for p in out.lines().filter_map(|l| l.strip_prefix("pruned=")) {
+                g.releases.push((p.to_string(), "pruned"));
+            }
+        }
+        Err(e) => log::warn!("{}: releases: {e}", h.host),
     }
     if good {
         g.releases.push((dir.to_string(), "active"));
@@ -764,9 +776,9 @@ fn prune_script(dir: &str, prev: &str, keep: u32) -> String {
     format!(
         "cd {parent} && n=0 && for m in $(ls -1d */.dispatch-release-ok 2>/dev/null | sort -r); do \
            d=${{m%/.dispatch-release-ok}}; p=$(pwd)/$d; n=$((n+1)); \
-           if [ $n -gt {keep} ] && [ \"$p\" != {dir} ] && [ \"$p\" != {prev} ]; then rm -rf -- \"$d\"; fi; \
+           if [ $n -gt {keep} ] && [ \"$p\" != {dir} ] && [ \"$p\" != {prev} ]; then rm -rf -- \"$d\" && echo \"pruned=$p\"; fi; \
          done; k=0; for m in $(ls -1d */.dispatch-release-failed 2>/dev/null | sort -r); do \
-           k=$((k+1)); [ $k -gt 1 ] && rm -rf -- \"${{m%/.dispatch-release-failed}}\"; \
+           k=$((k+1)); [ $k -gt 1 ] && rm -rf -- \"${{m%/.dispatch-release-failed}}\" && echo \"pruned=$(pwd)/${{m%/.dispatch-release-failed}}\"; \
          done; true",
         parent = shell_quote(parent),
         dir = shell_quote(dir),
@@ -913,6 +925,7 @@ mod tests {
             rollout: "t",
             version: None,
             sha256: None,
+            release: Default::default(),
         };
         let mut ran = false;
         let g = run_host(&h, &mut no_remote(), || {
@@ -941,6 +954,7 @@ mod tests {
             rollout: "t",
             version: None,
             sha256: None,
+            release: Default::default(),
         };
         let g = run_host(&a, &mut no_remote(), ok);
         assert!(
@@ -958,6 +972,7 @@ mod tests {
             rollout: "t",
             version: None,
             sha256: None,
+            release: Default::default(),
         };
         assert_eq!(run_host(&b, &mut no_remote(), ok), Gates::default());
         assert!(mark.exists(), "b was not undrained");
@@ -978,6 +993,7 @@ mod tests {
             rollout: "t",
             version: None,
             sha256: None,
+            release: Default::default(),
         };
         assert_eq!(run_host(&h, &mut no_remote(), ok), Gates::default());
         assert_eq!(std::fs::read_to_string(&n).unwrap().lines().count(), 4);
@@ -997,6 +1013,7 @@ mod tests {
             rollout: "r-1",
             version: None,
             sha256: None,
+            release: Default::default(),
         };
         run_host(&h, &mut no_remote(), ok);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "a;b c|a;b c|x|r-1|");

@@ -247,6 +247,25 @@ fn batches_run_in_waves_and_max_failures_lets_one_failure_pass() {
         w[0].0 < w[1].1 && w[1].0 < w[0].1,
         "wave 1 was not parallel: {w:?}"
     );
+    // and the journal's times say the same: wave 2's uploads start after
+    // wave 1's last install was recorded
+    let time = |i: usize, what: &str, state: &str| -> i64 {
+        journal(
+            &f,
+            &format!(
+                "SELECT {what}(time_ms) FROM event WHERE host = '{}' AND state = '{state}'",
+                f.hosts[i].addr
+            ),
+        )
+        .parse()
+        .unwrap()
+    };
+    let wave1_end = time(0, "max", "installed").max(time(1, "max", "installed"));
+    let wave2_start = time(2, "min", "uploading").min(time(3, "min", "uploading"));
+    assert!(
+        wave1_end <= wave2_start,
+        "journal: wave 1 ended {wave1_end}, wave 2 started {wave2_start}"
+    );
 
     let g = fleet(4);
     let bad = &g.hosts[1].addr;
@@ -371,7 +390,7 @@ fn releases_switch_current_keep_two_and_roll_back_an_unhealthy_one() {
     );
     assert_eq!(
         states.lines().collect::<Vec<_>>(),
-        ["active", "active", "previous", "active", "previous", "failed", "active"],
+        ["active", "active", "previous", "pruned", "active", "previous", "failed", "active"],
         "{states}"
     );
     // by hand: every host back to the release before the active one (v2)
