@@ -1,7 +1,8 @@
 //! The plan: routed packages × hosts become, per connection (host, port,
 //! login, transports…), the ordered deliveries and, for each, its steps as
-//! data. The plan does no I/O; [`crate::job`] executes it. Rollouts will add
-//! waves, gates and hooks here, not in the executor.
+//! data. The plan does no I/O; [`crate::job`] executes it. A rollout's waves
+//! are data too ([`crate::config::Strategy::waves`]); its gates and hooks are
+//! [`crate::rollout`]'s, run around the executor's lanes.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
