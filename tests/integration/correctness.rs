@@ -33,18 +33,7 @@ struct Net {
 
 fn net(n: usize) -> Net {
     let ws = Workspace::new();
-    let first = SshServer::start(&servers::fresh_addr());
-    let port = first.port;
-    let mut hosts = vec![first];
-    for _ in 1..n {
-        hosts.push(SshServer::start_with(
-            &servers::fresh_addr(),
-            servers::SshOptions {
-                port: Some(port),
-                ..Default::default()
-            },
-        ));
-    }
+    let hosts = servers::hosts_on_one_port(n, false);
     let refs: Vec<&SshServer> = hosts.iter().collect();
     let known_hosts = ws.known_hosts(&refs);
     Net {

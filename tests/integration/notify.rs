@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::servers::{self, poll_until, wait_installed, SshServer, Workspace};
+use crate::servers::{self, poll_until, wait_installed, Workspace};
 use crate::watch_daemon::Daemon;
 
 const RECEIVER: &str = r#"
@@ -106,45 +106,34 @@ fn hmac_hex(secret: &str, body: &[u8]) -> String {
 }
 
 struct Setup {
-    ws: Workspace,
-    _sshd: SshServer,
-    drop: PathBuf,
-    root: PathBuf,
-    cfg: PathBuf,
+    d: servers::OneHostDaemon,
     hook_addr: String,
     hook_port: u16,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = servers::OneHostDaemon;
+    fn deref(&self) -> &servers::OneHostDaemon {
+        &self.d
+    }
 }
 
 /// A daemon for `.deb` files to one sshd host (default dest_dir), notifying
 /// a webhook (not started) and a command; `settings` more `[dispatch]` lines.
 fn setup(install: &str, settings: &str) -> Setup {
-    let ws = Workspace::new();
-    let sshd = SshServer::start_own_user(&servers::fresh_addr());
-    let kh = ws.known_hosts(&[&sshd]);
-    let drop = ws.path().join("drop");
-    fs::create_dir_all(&drop).unwrap();
     let hook_addr = servers::fresh_addr();
     let hook_port = servers::free_port(&hook_addr);
-    let cfg = ws.write_config(&format!(
-        "[dispatch]\nstate_dir = {}\nsettle = 500ms\nrescan = 5s\nmax_attempts = 1\nstatus_listen = off\n\
-         notify_url = http://{hook_addr}:{hook_port}/hook\nnotify_secret = hook-secret\n\
-         notify_command = cat >> {} && echo >> {}\n{settings}\n\
-         [.*\\.deb$]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\nconnect_timeout = 3s\ninstall_command = {install}\n",
-        ws.path().join("state").display(),
-        ws.path().join("notes.jsonl").display(),
-        ws.path().join("notes.jsonl").display(),
-        sshd.addr,
-        sshd.port,
-        sshd.user().name,
-        servers::keys().ed25519.display(),
-        kh.display(),
-    ));
+    // the daemon's HOME is the workspace: the command writes below it
+    let d = servers::OneHostDaemon::new(
+        ".*\\.deb$",
+        install,
+        &format!(
+            "status_listen = off\nnotify_url = http://{hook_addr}:{hook_port}/hook\nnotify_secret = hook-secret\n\
+             notify_command = cat >> \"$HOME\"/notes.jsonl && echo >> \"$HOME\"/notes.jsonl\n{settings}"
+        ),
+    );
     Setup {
-        root: sshd.user().home.join("newcx"),
-        ws,
-        _sshd: sshd,
-        drop,
-        cfg,
+        d,
         hook_addr,
         hook_port,
     }

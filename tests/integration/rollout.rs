@@ -19,19 +19,7 @@ struct Fleet {
 
 fn fleet(n: usize) -> Fleet {
     let ws = Workspace::new();
-    let first = SshServer::start_own_user(&servers::fresh_addr());
-    let port = first.port;
-    let mut hosts = vec![first];
-    for _ in 1..n {
-        hosts.push(SshServer::start_with(
-            &servers::fresh_addr(),
-            servers::SshOptions {
-                port: Some(port),
-                own_user: true,
-                ..Default::default()
-            },
-        ));
-    }
+    let hosts = servers::hosts_on_one_port(n, true);
     let refs: Vec<&SshServer> = hosts.iter().collect();
     let known_hosts = ws.known_hosts(&refs);
     let netrc: String = hosts

@@ -2083,6 +2083,71 @@ pub fn one<'a>(res: &'a [serde_json::Value], file: &str) -> &'a serde_json::Valu
 // ---------------------------------------------------------------------------
 // Proof of the own-user servers, with the stock `ssh` client
 
+/// `n` sshd hosts on fresh loopback addresses sharing one port (a route
+/// has one `port`); `own_user`: each with a user of its own.
+pub fn hosts_on_one_port(n: usize, own_user: bool) -> Vec<SshServer> {
+    let first = SshServer::start_with(
+        &fresh_addr(),
+        SshOptions {
+            own_user,
+            ..Default::default()
+        },
+    );
+    let port = first.port;
+    let mut hosts = vec![first];
+    for _ in 1..n {
+        hosts.push(SshServer::start_with(
+            &fresh_addr(),
+            SshOptions {
+                port: Some(port),
+                own_user,
+                ..Default::default()
+            },
+        ));
+    }
+    hosts
+}
+
+/// A `dispatch watch` setup: one sshd host with a user of its own (the
+/// default dest_dir), a drop dir, and a config whose `[dispatch]` has a
+/// private state dir, short settle, one attempt and `settings`, and one
+/// route `[section]` to the host with `install`.
+pub struct OneHostDaemon {
+    pub ws: Workspace,
+    pub sshd: SshServer,
+    pub drop: PathBuf,
+    /// `<host user's home>/newcx`.
+    pub root: PathBuf,
+    pub cfg: PathBuf,
+}
+
+impl OneHostDaemon {
+    pub fn new(section: &str, install: &str, settings: &str) -> OneHostDaemon {
+        let ws = Workspace::new();
+        let sshd = SshServer::start_own_user(&fresh_addr());
+        let kh = ws.known_hosts(&[&sshd]);
+        let drop = ws.path().join("drop");
+        fs::create_dir_all(&drop).unwrap();
+        let cfg = ws.write_config(&format!(
+            "[dispatch]\nstate_dir = {}\nsettle = 500ms\nrescan = 5s\nmax_attempts = 1\n{settings}\n\n\
+             [{section}]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\nconnect_timeout = 3s\ninstall_command = {install}\n",
+            ws.path().join("state").display(),
+            sshd.addr,
+            sshd.port,
+            sshd.user().name,
+            keys().ed25519.display(),
+            kh.display(),
+        ));
+        OneHostDaemon {
+            root: sshd.user().home.join("newcx"),
+            ws,
+            sshd,
+            drop,
+            cfg,
+        }
+    }
+}
+
 #[cfg(test)]
 mod own_user_proof {
     use super::*;

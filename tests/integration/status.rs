@@ -11,54 +11,38 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::servers::{self, poll_until, wait_installed, SshServer, Workspace};
+use crate::servers::{self, poll_until, wait_installed, Workspace};
 use crate::watch_daemon::Daemon;
 
 struct Setup {
-    ws: Workspace,
-    _sshd: SshServer,
-    drop: PathBuf,
-    /// `<host user's home>/newcx` (the default dest_dir).
-    root: PathBuf,
-    cfg: PathBuf,
+    d: servers::OneHostDaemon,
     /// ADDRESS:PORT of the status server.
     status: String,
 }
 
-/// A daemon config for one sshd host with the default dest_dir; `install`
-/// is the route's install command, `settings` more `[dispatch]` lines.
-fn setup(install: &str, settings: &str) -> Setup {
-    let ws = Workspace::new();
-    let sshd = SshServer::start_own_user(&servers::fresh_addr());
-    let kh = ws.known_hosts(&[&sshd]);
-    let drop = ws.path().join("drop");
-    fs::create_dir_all(&drop).unwrap();
-    let status = format!("{}:8377", servers::fresh_addr());
-    let cfg = ws.write_config(&format!(
-        "[dispatch]\nstate_dir = {}\nsettle = 500ms\nrescan = 5s\nmax_attempts = 1\nstatus_listen = {status}\n{settings}\n\
-         [.]\nhost = {}\nport = {}\nlogin = {}\nidentity_file = {}\nknown_hosts = {}\nconnect_timeout = 3s\ninstall_command = {install}\n",
-        ws.path().join("state").display(),
-        sshd.addr,
-        sshd.port,
-        sshd.user().name,
-        servers::keys().ed25519.display(),
-        kh.display(),
-    ));
-    Setup {
-        root: sshd.user().home.join("newcx"),
-        ws,
-        _sshd: sshd,
-        drop,
-        cfg,
-        status,
+impl std::ops::Deref for Setup {
+    type Target = servers::OneHostDaemon;
+    fn deref(&self) -> &servers::OneHostDaemon {
+        &self.d
     }
+}
+
+/// A daemon for one sshd host with the default dest_dir and its status
+/// server on an address of its own; `settings`: more `[dispatch]` lines.
+fn setup(install: &str, settings: &str) -> Setup {
+    let status = format!("{}:8377", servers::fresh_addr());
+    let d = servers::OneHostDaemon::new(
+        ".",
+        install,
+        &format!("status_listen = {status}\n{settings}"),
+    );
+    Setup { d, status }
 }
 
 /// One HTTP/1.0 GET: (status code, headers lowercased, body).
