@@ -909,6 +909,17 @@ mod tests {
         |_: &str, _: Duration| Err("no remote in this test".to_string())
     }
 
+    fn host_run<'a>(r: &'a Route, host: &'a str, rollout: &'a str) -> HostRun<'a> {
+        HostRun {
+            route: r,
+            host,
+            rollout,
+            version: None,
+            sha256: None,
+            release: Default::default(),
+        }
+    }
+
     fn ok() -> Delivered {
         Delivered {
             ok: true,
@@ -919,14 +930,7 @@ mod tests {
     #[test]
     fn a_failed_drain_leaves_the_host_untouched() {
         let r = route("pre_local = exit 3\npost_local = true\n");
-        let h = HostRun {
-            route: &r,
-            host: "a",
-            rollout: "t",
-            version: None,
-            sha256: None,
-            release: Default::default(),
-        };
+        let h = host_run(&r, "a", "t");
         let mut ran = false;
         let g = run_host(&h, &mut no_remote(), || {
             ran = true;
@@ -948,14 +952,7 @@ mod tests {
             "pre_local = true\npost_local = touch {}\nhealth_check = test {{host}} = b\n",
             mark.display()
         ));
-        let a = HostRun {
-            route: &r,
-            host: "a",
-            rollout: "t",
-            version: None,
-            sha256: None,
-            release: Default::default(),
-        };
+        let a = host_run(&r, "a", "t");
         let g = run_host(&a, &mut no_remote(), ok);
         assert!(
             g.after
@@ -966,14 +963,7 @@ mod tests {
         );
         assert!(g.left_drained);
         assert!(!mark.exists());
-        let b = HostRun {
-            route: &r,
-            host: "b",
-            rollout: "t",
-            version: None,
-            sha256: None,
-            release: Default::default(),
-        };
+        let b = host_run(&r, "b", "t");
         assert_eq!(run_host(&b, &mut no_remote(), ok), Gates::default());
         assert!(mark.exists(), "b was not undrained");
     }
@@ -987,14 +977,7 @@ mod tests {
             "health_passes = 2\nhealth_check = echo x >> {n}; [ $(wc -l < {n}) -ge 3 ]\n",
             n = n.display()
         ));
-        let h = HostRun {
-            route: &r,
-            host: "a",
-            rollout: "t",
-            version: None,
-            sha256: None,
-            release: Default::default(),
-        };
+        let h = host_run(&r, "a", "t");
         assert_eq!(run_host(&h, &mut no_remote(), ok), Gates::default());
         assert_eq!(std::fs::read_to_string(&n).unwrap().lines().count(), 4);
     }
@@ -1007,14 +990,7 @@ mod tests {
             "pre_local = printf '%s|' {{host}} \"$DISPATCH_HOST\" \"$DISPATCH_ROUTE\" \"$DISPATCH_ROLLOUT\" > {}\n",
             out.display()
         ));
-        let h = HostRun {
-            route: &r,
-            host: "a;b c",
-            rollout: "r-1",
-            version: None,
-            sha256: None,
-            release: Default::default(),
-        };
+        let h = host_run(&r, "a;b c", "r-1");
         run_host(&h, &mut no_remote(), ok);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "a;b c|a;b c|x|r-1|");
     }
