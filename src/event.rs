@@ -70,6 +70,12 @@ pub enum EventKind {
     Installing,
     /// The end: the outcome as the lane folded it.
     Finished(Box<Outcome>),
+    /// A rollout took the host's lock (`owner`), or released it (None).
+    /// `file` is empty: it is about the host.
+    HostLock { owner: Option<String> },
+    /// A release's state on the host changed (active, previous, failed,
+    /// pruned). `file` is empty.
+    Release { dir: String, state: String },
 }
 
 impl Event {
@@ -123,6 +129,8 @@ impl Event {
             ),
             EventKind::Installing => ("installing", json!({})),
             EventKind::Finished(o) => ("finished", json!({"state": o.state, "success": o.ok})),
+            EventKind::HostLock { owner } => ("host_lock", json!({"owner": owner})),
+            EventKind::Release { dir, state } => ("release", json!({"dir": dir, "state": state})),
         };
         let mut v = json!({
             "event": name,

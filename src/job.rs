@@ -479,10 +479,17 @@ impl Rollout {
                 return true;
             }
         };
+        self.host_event(
+            &host,
+            EventKind::HostLock {
+                owner: Some(format!("rollout {id} (pid {})", std::process::id())),
+            },
+        );
         let fixed = self.release_of.get(&host).cloned();
         if fixed.is_none() {
             if let Some(done) = self.against_active(&run, &mut remote, &items) {
                 drop(lock);
+                self.host_event(&host, EventKind::HostLock { owner: None });
                 return done;
             }
         }
@@ -510,12 +517,32 @@ impl Rollout {
             }
         });
         drop(lock);
+        self.host_event(&host, EventKind::HostLock { owner: None });
         self.journal_releases(&run, &gates);
         self.report(&host, &route.section, &items, &gates, outcomes)
     }
 
-    /// The releases whose state changed, into the journal.
+    /// An event about the host (no file).
+    fn host_event(&self, host: &str, kind: EventKind) {
+        self.bus.emit(&Event {
+            package: None,
+            file: String::new(),
+            host: host.to_string(),
+            kind,
+        });
+    }
+
+    /// The releases whose state changed: on the bus, into the journal.
     fn journal_releases(&self, run: &rollout::HostRun<'_>, gates: &rollout::Gates) {
+        for (dir, state) in &gates.releases {
+            self.host_event(
+                run.host,
+                EventKind::Release {
+                    dir: dir.clone(),
+                    state: state.to_string(),
+                },
+            );
+        }
         let Some(j) = &self.batch.journal else {
             return;
         };

@@ -303,6 +303,7 @@ impl Sink for Progress {
                 ));
             }
             EventKind::Finished(_) => self.end(&mut st, &key),
+            EventKind::HostLock { .. } | EventKind::Release { .. } => {}
         }
     }
 }

@@ -48,6 +48,8 @@ struct State {
     recent: VecDeque<Done>,
     hosts: BTreeMap<String, Done>,
     parked: BTreeMap<(i64, String), Value>,
+    /// Per host: its active release and who holds its rollout lock.
+    host_state: BTreeMap<String, HostState>,
     queue: Queue,
     closed: bool,
     /// Event threads waiting in [`Status::next_events`] (no wake-up call
@@ -59,6 +61,13 @@ struct State {
 type Key = (Option<i64>, String, String);
 
 type At = chrono::DateTime<chrono::Utc>;
+
+/// What rollouts said of a host.
+#[derive(Default, Clone, serde::Serialize)]
+struct HostState {
+    release: Option<String>,
+    lock: Option<String>,
+}
 
 /// One entry of the event log.
 #[derive(Clone)]
@@ -301,6 +310,7 @@ impl Status {
             "parked": st.parked.values().cloned().collect::<Vec<_>>(),
             "recent": st.recent.iter().map(Done::to_json).collect::<Vec<_>>(),
             "hosts": st.hosts.iter().map(|(h, d)| (h.clone(), d.to_json())).collect::<serde_json::Map<_, _>>(),
+            "host_state": serde_json::to_value(&st.host_state).unwrap_or_default(),
         })
     }
 
@@ -355,7 +365,27 @@ impl Status {
         self.changed.notify_all();
     }
 
+    /// A host-level event (lock, release): true when `e` was one.
+    fn on_host_event(st: &mut State, e: &Event) -> bool {
+        match &e.kind {
+            EventKind::HostLock { owner } => {
+                st.host_state.entry(e.host.clone()).or_default().lock = owner.clone();
+            }
+            EventKind::Release { dir, state } => {
+                let hs = st.host_state.entry(e.host.clone()).or_default();
+                if state == "active" {
+                    hs.release = Some(dir.clone());
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+
     fn on_event(&self, st: &mut State, e: &Event, done: Option<(&Arc<Outcome>, At)>) {
+        if Self::on_host_event(st, e) {
+            return;
+        }
         let key: Key = (e.package, e.file.clone(), e.host.clone());
         let now = Instant::now();
         if let EventKind::Queued = e.kind {
@@ -419,7 +449,10 @@ impl Status {
                 f.step = "installing";
                 f.install_started = Some(now);
             }
-            EventKind::Queued | EventKind::Finished(_) => {}
+            EventKind::Queued
+            | EventKind::Finished(_)
+            | EventKind::HostLock { .. }
+            | EventKind::Release { .. } => {}
         }
     }
 

@@ -75,10 +75,14 @@ function draw(s) {
     f.attempt || "", took(f.elapsed_ms)]), 6, "nothing in flight");
   fill("parked", s.parked.map(p => [p.file, p.host, p.error || p.reason,
     el("pre", p.output_tail || "")]), 4, "nothing parked");
-  fill("hosts", Object.keys(s.hosts).sort().map(h => {
-    const r = s.hosts[h];
-    return [h, el("td", r.state, r.state), r.file, r.at];
-  }), 4, "no result yet");
+  const state = s.host_state || {};
+  const names = [...new Set([...Object.keys(s.hosts), ...Object.keys(state)])].sort();
+  fill("hosts", names.map(h => {
+    const r = s.hosts[h] || {};
+    const hs = state[h] || {};
+    return [h, el("td", r.state || "", r.state), r.file || "", r.at || "",
+      hs.release || "", hs.lock ? "held by " + hs.lock : "free"];
+  }), 6, "no result yet");
   fill("recent", s.recent.map(r => [r.at, r.file, r.host, el("td", r.state, r.state),
     r.transport || "", bytes(r.bytes), took(r.elapsed_ms), r.error || ""]), 8, "no result yet");
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -627,5 +628,51 @@ fn the_page_shows_a_file_in_flight_then_installed_without_a_reload() {
     assert!(
         empty.as_str().unwrap().contains("nothing in flight"),
         "{empty}"
+    );
+}
+
+/// A rollout route through the daemon: while a host is being worked on the
+/// snapshot shows its rollout lock held, then free, and its active release.
+#[test]
+fn the_snapshot_shows_each_hosts_active_release_and_rollout_lock() {
+    let s = setup("sleep 2; cp {name} VERSION", "");
+    // the route (the config's last section) keeps releases
+    let mut cfg = fs::OpenOptions::new().append(true).open(&s.cfg).unwrap();
+    writeln!(cfg, "current = ~/app/current").unwrap();
+    drop(cfg);
+    let _d = Daemon::start(&s.ws, &s.cfg, &s.drop);
+    for i in 1..=3 {
+        fs::write(s.drop.join(format!("rel-{i}.tgz")), format!("r{i}")).unwrap();
+    }
+    let host = s.sshd.addr.clone();
+    let held = poll_until(
+        Duration::from_secs(30),
+        "the lock held in the snapshot",
+        || {
+            let v = snapshot(&s.status);
+            v["host_state"][host.as_str()]["lock"]
+                .as_str()
+                .map(str::to_string)
+        },
+    );
+    assert!(held.starts_with("rollout "), "{held}");
+    let v = poll_until(
+        Duration::from_secs(60),
+        "the release active, the lock free",
+        || {
+            let v = snapshot(&s.status);
+            let hs = &v["host_state"][host.as_str()];
+            (hs["lock"].is_null() && hs["release"].is_string()).then(|| v.clone())
+        },
+    );
+    let release = v["host_state"][host.as_str()]["release"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let current = fs::read_link(s.sshd.user().home.join("app/current")).unwrap();
+    assert_eq!(Path::new(&release), current, "{v}");
+    assert_eq!(
+        fs::read_to_string(current.join("VERSION")).unwrap().len(),
+        2
     );
 }
