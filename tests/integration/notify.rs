@@ -5,6 +5,7 @@
 //! same events on stdin.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,15 +17,23 @@ use crate::servers::{self, poll_until, wait_installed, Workspace};
 use crate::watch_daemon::Daemon;
 
 const RECEIVER: &str = r#"
-import http.server, json, os, sys, time
-addr, port, log, gate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+import http.server, json, sys, threading
+addr, port, log, gated = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "gated"
+gate = threading.Event()
+if not gated:
+    gate.set()
 class Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        if self.path == "/open-the-gate":
+            gate.set()
+            self.send_response(204)
+            self.end_headers()
+            return
         with open(log + ".started", "a") as f:
             f.write("1\n")
-        while gate and not os.path.exists(gate):
-            time.sleep(0.05)
+        # bounded: a request left unanswered for long fails the test anyway
+        gate.wait(120)
         rec = {"path": self.path, "body": body.decode(),
                "headers": {k.lower(): v for k, v in self.headers.items()}}
         with open(log, "a") as f:
@@ -37,29 +46,44 @@ class Hook(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer((addr, port), Hook).serve_forever()
 "#;
 
-/// A webhook receiver; requests are logged as JSON lines. With a gate, each
-/// request waits (unanswered) until the gate file exists.
+/// A webhook receiver; requests are logged as JSON lines. Gated, each
+/// request waits (unanswered) until [`Receiver::open_gate`].
 struct Receiver {
     child: Child,
     log: PathBuf,
+    addr: String,
 }
 
 impl Receiver {
-    fn start(ws: &Workspace, addr: &str, port: u16, gate: Option<&Path>) -> Receiver {
+    fn start(ws: &Workspace, addr: &str, port: u16, gated: bool) -> Receiver {
         let script = ws.path().join("receiver.py");
         fs::write(&script, RECEIVER).unwrap();
         let log = ws.path().join(format!("hook-{port}.jsonl"));
-        let gate = gate.map(|g| g.display().to_string()).unwrap_or_default();
+        let gate = if gated { "gated" } else { "open" };
         let child = Command::new("/usr/bin/python3")
             .arg(&script)
-            .args([addr, &port.to_string(), log.to_str().unwrap(), &gate])
+            .args([addr, &port.to_string(), log.to_str().unwrap(), gate])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
         poll_until(Duration::from_secs(20), "the receiver to listen", || {
             TcpStream::connect((addr, port)).ok().map(|_| ())
         });
-        Receiver { child, log }
+        Receiver {
+            child,
+            log,
+            addr: format!("{addr}:{port}"),
+        }
+    }
+
+    /// Let the held requests (and every later one) be answered.
+    fn open_gate(&self) {
+        let mut s = TcpStream::connect(&self.addr).unwrap();
+        s.write_all(b"POST /open-the-gate HTTP/1.0\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.contains(" 204"), "{answer}");
     }
 
     fn requests(&self) -> Vec<Value> {
@@ -160,7 +184,7 @@ fn a_webhook_down_at_first_gets_each_signed_failure_once() {
     poll_until(Duration::from_secs(40), "a failed webhook attempt", || {
         d.log().contains("attempt 1 failed: webhook").then_some(())
     });
-    let hook = Receiver::start(&s.ws, &s.hook_addr, s.hook_port, None);
+    let hook = Receiver::start(&s.ws, &s.hook_addr, s.hook_port, false);
     poll_until(Duration::from_secs(40), "2 notifications", || {
         (hook.requests().len() >= 2).then_some(())
     });
@@ -253,8 +277,7 @@ fn a_webhook_down_at_first_gets_each_signed_failure_once() {
 #[test]
 fn a_webhook_that_does_not_answer_never_delays_deliveries() {
     let s = setup("sha256sum {name} > {name}.installed", "notify_on = all");
-    let gate = s.ws.path().join("answer-now");
-    let hook = Receiver::start(&s.ws, &s.hook_addr, s.hook_port, Some(&gate));
+    let hook = Receiver::start(&s.ws, &s.hook_addr, s.hook_port, true);
     let _d = Daemon::start(&s.ws, &s.cfg, &s.drop);
     // the first success: its notification sits in the receiver, unanswered
     fs::write(s.drop.join("app-0.deb"), "first").unwrap();
@@ -275,7 +298,7 @@ fn a_webhook_that_does_not_answer_never_delays_deliveries() {
     );
     let mut names = later.clone();
     names.insert(0, "app-0.deb".into());
-    fs::write(&gate, "").unwrap();
+    hook.open_gate();
     let got = poll_until(Duration::from_secs(60), "4 success notifications", || {
         let r = hook.requests();
         (r.len() >= 4).then_some(r)

@@ -599,7 +599,7 @@ fn a_rolling_update_behind_nginx_fails_no_request() {
     let nginx = Nginx::start(&f.ws, &addrs, port);
     let lb = nginx.lb_script(&f.ws, port);
     let restart = format!(
-        "{{ pid=$(cat ~/backend.pid 2>/dev/null) && kill $pid 2>/dev/null && while kill -0 $pid 2>/dev/null; do sleep 0.05; done; true; }}; \
+        "{{ pid=$(cat ~/backend.pid 2>/dev/null) && kill $pid 2>/dev/null && for i in $(seq 200); do kill -0 $pid 2>/dev/null || break; sleep 0.05; done; true; }}; \
          setsid python3 -m http.server {port} --bind \"$DISPATCH_HOST\" --directory ~/app > /dev/null 2>&1 < /dev/null & echo $! > ~/backend.pid"
     );
     let cfg = f.config(&format!(
