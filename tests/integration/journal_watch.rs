@@ -200,11 +200,19 @@ fn a_journal_write_that_fails_on_a_full_disk_leaves_the_file_to_be_redone() {
     fs::remove_file(&filler).unwrap();
     d.signal(libc::SIGHUP);
     wait_installed(&s.remote, "full-1.pkg", 1, Duration::from_secs(30));
-    let hist =
-        s.ws.dispatch()
-            .args(["history", "--json"])
-            .run()
-            .assert_success();
+    // the marker is on the host a moment before the journal records it
+    let hist = servers::poll_until(
+        Duration::from_secs(20),
+        "the install in the history",
+        || {
+            let h =
+                s.ws.dispatch()
+                    .args(["history", "--json"])
+                    .run()
+                    .assert_success();
+            h.stdout.contains("\"installed\"").then_some(h)
+        },
+    );
     assert!(hist.stdout.contains("full-1.pkg"), "{hist}");
     assert!(hist.stdout.contains("installed"), "{hist}");
     drop(d);
