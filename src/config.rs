@@ -291,6 +291,8 @@ pub struct Route {
     pub ftp_rename: bool,
     /// `ftp_cleartext`: plain FTP (password and data unencrypted) allowed.
     pub ftp_cleartext: bool,
+    /// `stream`: SSH deliveries pipelined (see `transport::ssh::stream`).
+    pub stream: bool,
     pub verify: Verify,
     pub host_key_check: HostKeyCheck,
     pub known_hosts: PathBuf,

@@ -65,6 +65,8 @@ pub enum EventKind {
         cleartext: bool,
         /// Was already in place (crash recovery): nothing was sent.
         resumed: bool,
+        /// Sent in a pipeline (see `transport::ssh::stream`), not step by step.
+        streamed: bool,
     },
     /// The install command starts.
     Installing,
@@ -121,11 +123,13 @@ impl Event {
                 remote_path,
                 attempt,
                 resumed,
+                streamed,
                 ..
             } => (
                 "uploaded",
                 json!({"transport": transport.to_string(), "bytes": bytes,
-                       "remote_path": remote_path, "attempt": attempt, "resumed": resumed}),
+                       "remote_path": remote_path, "attempt": attempt, "resumed": resumed,
+                       "streamed": streamed}),
             ),
             EventKind::Installing => ("installing", json!({})),
             EventKind::Finished(o) => ("finished", json!({"state": o.state, "success": o.ok})),
@@ -379,9 +383,13 @@ impl Sink for LogSink {
                 bytes,
                 remote_path,
                 resumed: false,
+                streamed,
                 ..
             } => {
-                log::info!("{file}: {host}: uploaded {bytes} bytes by {transport} to {remote_path}")
+                let how = if *streamed { " (streamed)" } else { "" };
+                log::info!(
+                    "{file}: {host}: uploaded {bytes} bytes by {transport}{how} to {remote_path}"
+                )
             }
             EventKind::Uploaded {
                 remote_path,

@@ -34,6 +34,8 @@ use crate::transport::{
     Cause, ErrorKind, Op, Protocol, Source, TransferError, Upload, Uploaded, Uploader,
 };
 
+mod stream;
+
 pub use crate::event::{journaled_reason, Outcome};
 pub use crate::plan::Item;
 
@@ -186,6 +188,7 @@ impl Batch {
                     leftovers: Vec::new(),
                     steps: Vec::new(),
                     current: (None, String::new()),
+                    stashed: None,
                     hold_end,
                 };
                 let out = out.clone();
@@ -698,6 +701,9 @@ struct Lane {
     /// The plan's steps of the delivery in hand, and its package and name.
     steps: Vec<Step>,
     current: (Option<i64>, String),
+    /// The connect error of a streaming start, for the plain path's first
+    /// attempt (a dead host is not tried twice for it).
+    stashed: Option<TransferError>,
     /// A rollout's host: its gates may still fail it, so the end of each
     /// delivery is told by the rollout, not by the lane.
     hold_end: bool,
@@ -715,6 +721,8 @@ struct Placed {
     lock: Option<Lock>,
     /// The FTP session was not encrypted.
     cleartext: bool,
+    /// Put in place by the lane's pipeline ([`stream`]).
+    streamed: bool,
 }
 
 /// Where one attempt puts the file, decided before it is sent.
@@ -752,25 +760,40 @@ struct InstallResult {
 }
 
 impl Lane {
+    /// Stream what can be streamed ([`Lane::stream`]), then deliver the
+    /// rest one by one, the plain way.
     fn drain(mut self, out: Sender<Outcome>) {
-        while let Ok(Delivery { item, steps }) = self.group.rx.try_recv() {
-            let started = Instant::now();
-            self.steps = steps;
-            self.current = (item.package, item.name.clone());
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(&item)));
-            let o = r.unwrap_or_else(|_| {
-                // the lane's sessions may be in any state: start afresh
-                self.ssh = None;
-                self.ftp = None;
-                let mut o = Outcome::start(&item, &self.group.host, self.route());
-                o.error = Some("internal error: the worker died (see the log)".into());
-                self.finish(&item, o, started)
-            });
-            let _ = out.send(o);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stream(&out)));
+        let left = r.unwrap_or_else(|_| {
+            log::error!("internal error: a streaming lane died (see the log)");
+            self.ssh = None;
+            Vec::new()
+        });
+        for d in left {
+            self.deliver_one(d, &out);
+        }
+        while let Ok(d) = self.group.rx.try_recv() {
+            self.deliver_one(d, &out);
         }
         if let Some(f) = self.ftp.take() {
             f.quit();
         }
+    }
+
+    fn deliver_one(&mut self, Delivery { item, steps }: Delivery, out: &Sender<Outcome>) {
+        let started = Instant::now();
+        self.steps = steps;
+        self.current = (item.package, item.name.clone());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.deliver(&item)));
+        let o = r.unwrap_or_else(|_| {
+            // the lane's sessions may be in any state: start afresh
+            self.ssh = None;
+            self.ftp = None;
+            let mut o = Outcome::start(&item, &self.group.host, self.route());
+            o.error = Some("internal error: the worker died (see the log)".into());
+            self.finish(&item, o, started)
+        });
+        let _ = out.send(o);
     }
 
     fn route(&self) -> &Route {
@@ -834,6 +857,9 @@ impl Lane {
 
     fn ssh(&mut self) -> Result<&mut SshSession, TransferError> {
         if let Some(e) = self.unusable(Transport::Scp) {
+            return Err(e);
+        }
+        if let Some(e) = self.stashed.take() {
             return Err(e);
         }
         if self.ssh.as_ref().is_some_and(|s| !s.is_alive()) {
@@ -920,15 +946,7 @@ impl Lane {
         };
         // journaled now, before the install: a crash during the install
         // installs this file where it is on restart, never uploads it again
-        let uploaded = EventKind::Uploaded {
-            transport: placed.transport,
-            bytes: placed.bytes,
-            remote_path: remote_join(&placed.dir, &item.name),
-            attempt: o.attempts,
-            fallback_reason: o.fallback_reason.clone(),
-            cleartext: placed.cleartext,
-            resumed: resumed.is_some(),
-        };
+        let uploaded = uploaded_event(&placed, &item.name, o, resumed.is_some());
         self.step(item, o, uploaded);
         let cmd = route::install_command(routed, &host, &placed.dir);
         let Some(cmd) = cmd.filter(|_| self.planned(Step::Install)) else {
@@ -1097,6 +1115,7 @@ impl Lane {
             dir: at.dir,
             lock,
             cleartext: up.cleartext,
+            streamed: false,
         })
     }
 
@@ -1387,6 +1406,7 @@ impl Lane {
             dir: dir.to_string(),
             lock,
             cleartext: false,
+            streamed: false,
         })
     }
 
@@ -1467,6 +1487,20 @@ impl Lane {
     }
 }
 
+/// The file is in place under `name`.
+fn uploaded_event(placed: &Placed, name: &str, o: &Outcome, resumed: bool) -> EventKind {
+    EventKind::Uploaded {
+        transport: placed.transport,
+        bytes: placed.bytes,
+        remote_path: remote_join(&placed.dir, name),
+        attempt: o.attempts,
+        fallback_reason: o.fallback_reason.clone(),
+        cleartext: placed.cleartext,
+        resumed,
+        streamed: placed.streamed,
+    }
+}
+
 /// Best effort: remove a remote file (a temporary one) over SFTP, else a
 /// shell. `false`: the session is broken, it could not be tried.
 fn remove_remote(ssh: &mut SshSession, path: &str) -> bool {
@@ -1536,7 +1570,7 @@ fn publish(
             }
         }
         Verify::Sha256 => {
-            let script = verify_script(route, dir, tmp_name, bytes, sha);
+            let script = verify_script(route.verify, dir, tmp_name, bytes, sha);
             let out = ssh.run_script(&script, route.io_timeout, None)?;
             if !out.success() {
                 return Err(failed(ssh, ErrorKind::Verify, Op::Verify)

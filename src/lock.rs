@@ -226,6 +226,14 @@ pub fn release(ssh: Option<&mut SshSession>, lock: &Lock) {
     }
 }
 
+/// A lock whose connection was lost (whether or not it was made): this
+/// process's lanes may break it at once.
+pub fn lost(lock: &Lock) {
+    if let Ok(mut l) = LOST.lock() {
+        l.push(lock.owner.clone());
+    }
+}
+
 /// Shell: take `lock` with `set -C` (create-exclusive), waiting up to `wait`
 /// for its holder, then breaking it (hosts without SFTP).
 pub fn shell_take(lock: &str, owner: &str, wait: Duration) -> String {
@@ -240,6 +248,27 @@ pub fn shell_take(lock: &str, owner: &str, wait: Duration) -> String {
 }
 
 /// The shell fragment and the lock it takes, for the no-SFTP publish script.
+/// A lock for a pipelined publish ([`crate::transport::ssh::stream`]): its
+/// path and the owner record its symlink is to point to. Counted as held
+/// from now (earlier than the symlink is made: on the safe side).
+pub fn unmade(route: &Route, dir: &str, name: &str) -> Lock {
+    let path = remote_join(dir, &lock_name(name));
+    Lock::new(path, new_owner(), route)
+}
+
+impl Lock {
+    /// The symlink's target: the owner record.
+    pub fn owner(&self) -> &str {
+        self.owner.trim()
+    }
+
+    /// Held for less than [`wait_limit`]: nobody else may have broken it,
+    /// so it can be removed without reading it back.
+    pub fn surely_ours(&self) -> bool {
+        self.taken.elapsed() < self.safe_for
+    }
+}
+
 pub fn shell_lock(route: &Route, dir: &str, name: &str) -> (String, Lock) {
     let path = remote_join(dir, &lock_name(name));
     let owner = new_owner();

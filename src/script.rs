@@ -226,7 +226,7 @@ pub fn one_program(cmd: &str) -> Option<&str> {
 /// Verify `dir/tmp_name` by size or sha256 (exit [`VERIFY_FAILED`] with a
 /// message).
 pub fn verify_script(
-    route: &Route,
+    verify: Verify,
     dir: &str,
     tmp_name: &str,
     size: u64,
@@ -235,7 +235,7 @@ pub fn verify_script(
     let tmp = shell_quote(tmp_name);
     let vf = VERIFY_FAILED;
     let mut s = format!("cd -- {} || exit {CANNOT_CD}; ", shell_quote(dir));
-    match route.verify {
+    match verify {
         Verify::None => {}
         Verify::Size => s.push_str(&format!(
             "s=$(wc -c < {tmp}) || exit {vf}; [ \"$s\" -eq {size} ] || {{ echo \"size on host: $s bytes, sent: {size}\"; exit {vf}; }}; "
@@ -261,7 +261,7 @@ pub fn publish_script(
     sha: Option<&str>,
     lock: Option<&str>,
 ) -> String {
-    let mut s = verify_script(route, dir, tmp_name, size, sha);
+    let mut s = verify_script(route.verify, dir, tmp_name, size, sha);
     if let Some(take) = lock {
         s.push_str(take);
     }

@@ -179,6 +179,12 @@ pub const ROUTE_KEYS: &[Key<Route>] = &[
         set: |r, v, _| put(&mut r.ftp_cleartext, parse_bool(v)),
     },
     Key {
+        name: "stream",
+        default: Text("yes"),
+        help: "SSH: send files back to back and read the replies as they come (no round trip per file).",
+        set: |r, v, _| put(&mut r.stream, parse_bool(v)),
+    },
+    Key {
         name: "verify",
         default: Text("size"),
         help: "After upload: size, sha256, none.",
@@ -749,6 +755,7 @@ fn unset_route(s: &RawSection, regex: Regex) -> Route {
         ftp_passive: true,
         ftp_rename: true,
         ftp_cleartext: false,
+        stream: true,
         verify: Verify::Size,
         host_key_check: HostKeyCheck::Strict,
         known_hosts: PathBuf::new(),

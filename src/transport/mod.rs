@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod ftp;
+pub mod sftp_wire;
 pub mod ssh;
 pub mod watchdog;
 

@@ -20,6 +20,8 @@ use ssh2::{
     CheckResult, ErrorCode, ExtendedData, HashType, HostKeyType, KnownHostFileKind, Session,
 };
 
+pub mod stream;
+
 use super::watchdog::Watchdog;
 use super::{
     io_kind, Cause, ErrorKind, Meter, Op, Progress, Protocol, Source, TransferError, Upload,

@@ -1059,6 +1059,7 @@ scenario! {
     ) {
         let ws = Workspace::new();
         let steps = p.start(&servers::fresh_addr());
+        let streamed = p.start(&servers::fresh_addr());
         let fused = p.start_with(
             &servers::fresh_addr(),
             servers::SshOptions {
@@ -1066,7 +1067,7 @@ scenario! {
                 ..Default::default()
             },
         );
-        let kh = ws.known_hosts(&[&steps, &fused]);
+        let kh = ws.known_hosts(&[&steps, &streamed, &fused]);
         let remote = ws.remote_dir("remote");
         let secret = ws.file("pkg-secret", b"only for me");
         {
@@ -1087,7 +1088,10 @@ scenario! {
             None => rel.to_string(),
         };
         let run_to = |h: &SshServer, name: &str| {
-            let dest = p.dest_dir_line(format!("{}/{{host}}/%Y%m%d_%H%M%S", remote.display()));
+            let mut dest = p.dest_dir_line(format!("{}/{{host}}/%Y%m%d_%H%M%S", remote.display()));
+            if name == "steps" {
+                dest.push_str("stream = no\n");
+            }
             let mut cfg = format!(
                 "[dispatch]\nstate_dir = {}\n",
                 ws.path().join(format!("state-{name}")).display()
@@ -1128,21 +1132,31 @@ scenario! {
                 .into_iter()
                 .map(|(k, v)| (undated(&k), v))
                 .collect();
-            (r.stderr, results, state)
+            let streamed = servers::json_events(&r.stdout)
+                .iter()
+                .filter(|v| v["event"] == "uploaded" && v["streamed"] == true)
+                .count();
+            (r.stderr, results, state, streamed)
         };
-        let (_, step_res, step_state) = run_to(&steps, "steps");
-        let (fused_log, fused_res, fused_state) = run_to(&fused, "fused");
+        let (_, step_res, step_state, n) = run_to(&steps, "steps");
+        assert_eq!(n, 0, "stream = no still streamed");
+        let (_, stream_res, stream_state, n) = run_to(&streamed, "streamed");
+        assert_eq!(n, files.len(), "the pipeline was not taken");
+        let (fused_log, fused_res, fused_state, n) = run_to(&fused, "fused");
+        assert_eq!(n, 0, "streamed without SFTP");
         assert!(fused_log.contains("no SFTP"), "the fused path was not taken: {fused_log}");
         assert_eq!(step_res.len(), files.len(), "{step_res:?}");
         for f in &files {
             let name = f.file_name().unwrap().to_str().unwrap();
             let of = |res: &[serde_json::Value]| res.iter().find(|v| v["file"] == name).cloned();
             assert_eq!(of(&step_res), of(&fused_res), "{name}");
+            assert_eq!(of(&step_res), of(&stream_res), "{name}");
         }
         let failed: Vec<_> = step_res.iter().filter(|v| v["ok"] == false).collect();
         assert_eq!(failed.len(), 1, "{step_res:?}");
         assert_eq!(failed[0]["exit_status"], 3, "{step_res:?}");
         assert_eq!(step_state, fused_state);
+        assert_eq!(step_state, stream_state);
         // 5 files, 4 markers, nothing else: no temporary file, no lock
         assert_eq!(step_state.len(), 9, "{:?}", step_state.keys().collect::<Vec<_>>());
         assert_eq!(
