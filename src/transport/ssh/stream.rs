@@ -153,6 +153,8 @@ pub struct Pipeline<'s> {
     done: Vec<Done>,
     made_dirs: HashSet<String>,
     last_io: Instant,
+    /// Interrupted: no more data is sent, files not in place are given back.
+    aborted: bool,
 }
 
 impl SshSession {
@@ -186,6 +188,7 @@ impl SshSession {
             done: Vec::new(),
             made_dirs,
             last_io: Instant::now(),
+            aborted: false,
         })
     }
 
@@ -349,11 +352,9 @@ impl Pipeline<'_> {
             if moved {
                 continue;
             }
-            if crate::interrupt::requested() {
-                return Err(self
-                    .ssh
-                    .err(ErrorKind::Interrupted, Protocol::Ssh, Op::Upload)
-                    .step("interrupted"));
+            if crate::interrupt::requested() && !self.aborted {
+                self.abort_places();
+                continue;
             }
             let wait = self.deadline_check(now)?;
             self.wait_socket(wait);
@@ -798,6 +799,25 @@ impl Pipeline<'_> {
         let rid = self.reqs.remove(&mut self.sftp_out, &fin);
         self.req(Req::MakeWay(id), rid);
         self.rename(id, tries);
+    }
+
+    /// Ctrl-C: every file not yet in place is given back (its temporary
+    /// file removed once its requests are answered); scripts already sent
+    /// run to their end.
+    fn abort_places(&mut self) {
+        self.aborted = true;
+        self.sending.clear();
+        let ids: Vec<u64> = self.places.keys().copied().collect();
+        for id in ids {
+            let e = self
+                .ssh
+                .err(ErrorKind::Interrupted, Protocol::Sftp, Op::Upload)
+                .step("upload interrupted");
+            if let Some(p) = self.places.get_mut(&id) {
+                p.error.get_or_insert(e);
+            }
+            self.settle(id);
+        }
     }
 
     /// A file that failed: remove what it left, release its lock, hand it
