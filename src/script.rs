@@ -75,8 +75,10 @@ pub fn rc_marker(nonce: &str) -> Vec<u8> {
 /// with `read -t` (a wait with a deadline, no `sleep` process). At the
 /// deadline the executor's group (it and the script's processes) gets TERM,
 /// 10 s later KILL, the status is 124, as with coreutils `timeout`, and a
-/// new executor reads on: the client sends the next script only after this
-/// status, so nothing of it was read. fd 3 is a pipe to itself, to sleep on.
+/// new executor reads on where the old one stopped (`read` takes a line
+/// byte by byte, never more), so scripts sent back to back survive a kill.
+/// fd 3 is a pipe to itself, to sleep on; fd 7 the executor's stdin, for
+/// "status printed, go on" (SIGPIPE ignored: the executor may be gone).
 ///
 /// Job control is on only while the coprocess is forked (that is what gives
 /// it its own group): left on, bash reports every job that ends on its
@@ -86,15 +88,17 @@ pub fn rc_marker(nonce: &str) -> Vec<u8> {
 /// that can be before the last `read` (`read: 63: invalid file
 /// descriptor`) — so the pipe is read through a copy of its own on fd 6
 /// (/dev/null, i.e. end of input, if the executor was already gone).
-pub const BASH_DRIVER: &str = r#"exec 4>&1 5<&0 3<> <(:) </dev/null; m=$1; e=$2
+pub const BASH_DRIVER: &str = r#"exec 4>&1 5<&0 3<> <(:) </dev/null; m=$1; e=$2; trap '' PIPE
 up() {
-  exec 6<&-; set -m
-  coproc EX { exec sh -c "$e" dispatch-bounded <&5 5<&- 3>&-; }
+  exec 6<&- 7>&-; set -m
+  coproc EX { exec sh -c "$e" dispatch-bounded 3>&-; }
   set +m; g=$EX_PID; exec 6<&"${EX[0]:-0}"
+  if [ -n "${EX[1]:-}" ]; then exec 7>&"${EX[1]}"; else exec 7>/dev/null; fi
 }
 up
 while IFS= read -r -u 6 t; do
-  if IFS= read -r -t "$t" -u 6 rc; then :
+  ok=
+  if IFS= read -r -t "$t" -u 6 rc; then ok=1
   elif [ $? -gt 128 ]; then
     rc=124; kill -TERM -- "-$g" 2>/dev/null
     n=0; while kill -0 -- "-$g" 2>/dev/null && [ $n -lt 100 ]; do read -r -t 0.1 -u 3 _; n=$((n + 1)); done
@@ -103,23 +107,28 @@ while IFS= read -r -u 6 t; do
     wait "$g" 2>/dev/null; rc=$?; kill -KILL -- "-$g" 2>/dev/null; up
   fi
   printf '\n@@dispatch:%s:rc:%s\n' "$m" "$rc"
+  [ -z "$ok" ] || echo >&7
 done"#;
 
-/// The executor under the bash runner: reads a script (see [`frame_job`]),
-/// reports its deadline to bash, runs it in a subshell with stdin from
-/// /dev/null and its output on the channel (fd 4) and reports its exit
-/// status (`$0` in a script is `dispatch-bounded`). The executor's own
-/// variables are unset in the subshell before the script runs. A script cut
-/// short (end of input) never runs.
+/// The executor under the bash runner: reads a script (see [`frame_job`])
+/// from the channel (fd 5), reports its deadline to bash, runs it in a
+/// subshell with stdin from /dev/null and its output on the channel (fd 4)
+/// and reports its exit status (`$0` in a script is `dispatch-bounded`).
+/// Then it waits for bash to say it printed the status line (a line on its
+/// stdin) before it reads the next script: a client that sends scripts back
+/// to back ([`crate::transport::ssh::stream`]) never sees the next script's
+/// output before this one's status. The executor's own variables are unset
+/// in the subshell before the script runs. A script cut short (end of
+/// input) never runs.
 pub const EXECUTOR: &str = r#"nl='
 '
-while IFS= read -r t; do
+while IFS= read -r t <&5; do
   s=
-  while IFS= read -r l; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
+  while IFS= read -r l <&5; do case $l in '>'*) s=$s${l#?}$nl ;; *) break ;; esac; done
   [ "$l" = . ] || exit 0
   echo "$t"
-  ( unset nl t l; eval "$s" ) </dev/null >&4 2>&1 4>&-
-  echo "$?"
+  ( unset nl t l; eval "$s" ) </dev/null >&4 2>&1 4>&- 5<&-
+  echo "$?"; read -r _ || exit 0
 done"#;
 
 /// The fallback runner (no bash; `$1` = the nonce): one `sh -c` per script,
@@ -282,7 +291,7 @@ mod tests {
     /// Feed `(deadline, script)` jobs to a script runner started by `sh -c
     /// runner`, as the SSH session does, and split what it prints into
     /// `(output, status)` per job.
-    fn run_runner(runner: &str, jobs: &[(u64, String)]) -> Vec<(String, i32)> {
+    fn run_runner(runner: &str, jobs: &[(u64, String)], back_to_back: bool) -> Vec<(String, i32)> {
         use std::io::{Read, Write};
         use std::process::{Command, Stdio};
         let marker = crate::script::rc_marker("n0nce");
@@ -294,15 +303,26 @@ mod tests {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
+        let mut stdin = child.stdin.take();
         let mut stdout = child.stdout.take().unwrap();
         let mut res = Vec::new();
         let mut pending: Vec<u8> = Vec::new();
-        // as the session does: the next script only after the last status
+        // as a pipeline does: every script at once, the statuses read after
+        let writer = back_to_back.then(|| {
+            let all: Vec<u8> = jobs
+                .iter()
+                .flat_map(|(secs, script)| crate::script::frame_job(*secs, script))
+                .collect();
+            let mut stdin = stdin.take().unwrap();
+            std::thread::spawn(move || stdin.write_all(&all).unwrap())
+        });
+        // else as the plain path does: the next script only after the last status
         for (secs, script) in jobs {
-            stdin
-                .write_all(&crate::script::frame_job(*secs, script))
-                .unwrap();
+            if let Some(stdin) = stdin.as_mut() {
+                stdin
+                    .write_all(&crate::script::frame_job(*secs, script))
+                    .unwrap();
+            }
             loop {
                 let found = pending
                     .windows(marker.len())
@@ -323,6 +343,9 @@ mod tests {
                 pending.extend_from_slice(&buf[..n]);
             }
         }
+        if let Some(w) = writer {
+            w.join().unwrap();
+        }
         drop(stdin);
         stdout.read_to_end(&mut pending).unwrap();
         assert!(child.wait().unwrap().success());
@@ -334,7 +357,7 @@ mod tests {
     /// the install deadline (124, and the install's process is gone), a file
     /// name that looks like the runner's framing, and a clean state for
     /// every script whatever the one before it did.
-    fn check_runner(runner: &str) {
+    fn check_runner(runner: &str, back_to_back: bool) {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
         // the pid of the process that outlives the deadline unless killed
@@ -368,6 +391,7 @@ mod tests {
                     ),
                 ),
             ],
+            back_to_back,
         );
         assert!(
             started.elapsed() < Duration::from_secs(9),
@@ -427,7 +451,38 @@ mod tests {
     fn bash_script_runner_bounds_installs_without_extra_processes() {
         // bash is installed here, so the session's command picks this runner
         let runner = crate::script::driver_command("n0nce");
-        check_runner(&runner);
+        check_runner(&runner, false);
+        check_runner(&runner, true);
+    }
+
+    /// Scripts sent back to back, each printing at once: every output
+    /// belongs to its own script (the next one never starts before this
+    /// one's status line is out), with both runners.
+    #[test]
+    fn scripts_sent_back_to_back_keep_their_own_output() {
+        let bash = crate::script::driver_command("n0nce");
+        let sh = format!(
+            "exec sh -c {} dispatch-driver n0nce",
+            shell_quote(crate::script::SH_DRIVER)
+        );
+        let jobs: Vec<(u64, String)> = (0..300)
+            .map(|i| {
+                (
+                    5,
+                    install_script("/", &format!("echo out-{i}; exit {}", i % 7)),
+                )
+            })
+            .collect();
+        for runner in [bash, sh] {
+            let res = run_runner(&runner, &jobs, true);
+            assert_eq!(res.len(), jobs.len());
+            for (i, (out, rc)) in res.iter().enumerate() {
+                assert_eq!(
+                    (out.trim(), *rc),
+                    (format!("out-{i}").as_str(), (i % 7) as i32)
+                );
+            }
+        }
     }
 
     #[test]
@@ -436,7 +491,8 @@ mod tests {
             "exec sh -c {} dispatch-driver n0nce",
             shell_quote(crate::script::SH_DRIVER)
         );
-        check_runner(&runner);
+        check_runner(&runner, false);
+        check_runner(&runner, true);
     }
 
     #[test]
@@ -513,7 +569,7 @@ mod tests {
                     .iter()
                     .map(|c| (if c.starts_with("sleep") { 1 } else { 5 }, script(here, c)))
                     .collect();
-                let res = run_runner(&runner, &jobs);
+                let res = run_runner(&runner, &jobs, false);
                 let files = std::fs::read_dir(d)
                     .unwrap()
                     .map(|e| {

@@ -63,9 +63,12 @@ impl Lane {
             return Vec::new();
         };
         self.current = (first.item.package, first.item.name.clone());
-        let Some(home) = self.stream_session() else {
+        if let Err(e) = self.ssh() {
+            // kept for the plain path's first attempt: a dead host is not
+            // tried twice for it
+            self.stashed = Some(e);
             return vec![first];
-        };
+        }
         let Some(mut ssh) = self.ssh.take() else {
             return vec![first];
         };
@@ -78,6 +81,7 @@ impl Lane {
         };
         match ssh.pipeline() {
             Ok(mut pipe) => {
+                let home = pipe.home();
                 self.pump(&mut pipe, &mut run, first, &home);
                 pipe.finish();
             }
@@ -91,23 +95,6 @@ impl Lane {
             lock::release(self.ssh.as_mut(), &l);
         }
         run.left
-    }
-
-    /// A session with SFTP, and the login's home: `None` means the plain
-    /// path (a connect error is kept for its first attempt).
-    fn stream_session(&mut self) -> Option<String> {
-        match self.ssh() {
-            Ok(ssh) => {
-                if !ssh.has_sftp().unwrap_or(false) {
-                    return None;
-                }
-                ssh.home().ok()
-            }
-            Err(e) => {
-                self.stashed = Some(e);
-                None
-            }
-        }
     }
 
     fn pump(&mut self, pipe: &mut Pipeline<'_>, run: &mut Run<'_>, first: Delivery, home: &str) {

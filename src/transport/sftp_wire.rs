@@ -17,10 +17,12 @@ const WRITE: u8 = 6;
 const FSTAT: u8 = 8;
 const REMOVE: u8 = 13;
 const MKDIR: u8 = 14;
+const REALPATH: u8 = 16;
 const RENAME: u8 = 18;
 const SYMLINK: u8 = 20;
 const STATUS: u8 = 101;
 const HANDLE: u8 = 102;
+const NAME: u8 = 104;
 const ATTRS: u8 = 105;
 const EXTENDED: u8 = 200;
 
@@ -53,6 +55,8 @@ pub enum Reply {
     Attrs {
         size: Option<u64>,
     },
+    /// The first name of a NAME reply (REALPATH's answer).
+    Name(Vec<u8>),
     /// A reply of a type this client never asks for.
     Other(u8),
 }
@@ -155,6 +159,12 @@ impl Requests {
 
     pub fn remove(&mut self, out: &mut Vec<u8>, path: &str) -> u32 {
         self.simple(out, REMOVE, &[path.as_bytes()])
+    }
+
+    /// The absolute, canonical form of `path` (`.`: the login's start
+    /// directory, its home).
+    pub fn realpath(&mut self, out: &mut Vec<u8>, path: &str) -> u32 {
+        self.simple(out, REALPATH, &[path.as_bytes()])
     }
 
     pub fn mkdir(&mut self, out: &mut Vec<u8>, path: &str) -> u32 {
@@ -311,6 +321,9 @@ impl Replies {
             ATTRS => Reply::Attrs {
                 size: attrs_size(&mut c).ok_or_else(bad)?,
             },
+            NAME if c.u32().ok_or_else(bad)? > 0 => {
+                Reply::Name(c.bytes().ok_or_else(bad)?.to_vec())
+            }
             k => Reply::Other(k),
         };
         Ok(Some((id, reply)))
@@ -365,6 +378,13 @@ mod tests {
             put_u32(b, 8);
             put_str(b, b"\0\0\0\x01");
         }));
+        bytes.extend(reply(NAME, |b| {
+            put_u32(b, 10);
+            put_u32(b, 1);
+            put_str(b, b"/home/u");
+            put_str(b, b"drwx------ u u /home/u");
+            put_u32(b, 0);
+        }));
         bytes.extend(reply(ATTRS, |b| {
             put_u32(b, 9);
             put_u32(
@@ -395,6 +415,7 @@ mod tests {
                     }
                 ),
                 (8, Reply::Handle(vec![0, 0, 0, 1])),
+                (10, Reply::Name(b"/home/u".to_vec())),
                 (
                     9,
                     Reply::Attrs {

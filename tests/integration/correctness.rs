@@ -882,3 +882,182 @@ fn install_locks_left_by_a_dead_dispatcher_are_broken_at_once_in_either_form() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// Streaming (issue "Fast on a real network"): what the pipeline cannot do
+// for a file goes the plain way; the rest still streams.
+
+/// Every process below `pid` (children, their children, …), from /proc.
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of: Vec<(u32, u32)> = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // the fields after "(comm)": state, ppid, …
+        let after = stat.rsplit_once(')').map_or("", |(_, a)| a);
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|v| v.parse().ok()) {
+            parent_of.push((p, ppid));
+        }
+    }
+    let mut out: Vec<u32> = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(q) = todo.pop() {
+        for &(p, pp) in &parent_of {
+            if pp == q && !out.contains(&p) {
+                out.push(p);
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// The `uploaded` events of a `--json` run that say `streamed`.
+fn streamed_uploads(stdout: &str) -> usize {
+    servers::json_events(stdout)
+        .iter()
+        .filter(|v| v["event"] == "uploaded" && v["streamed"] == true)
+        .count()
+}
+
+#[test]
+fn a_file_the_pipeline_cannot_place_goes_the_plain_way_and_the_rest_still_stream() {
+    // one host: two of this harness's hosts share one home (one test user),
+    // so their install locks of one name in one dated dir would meet
+    let n = net(1);
+    let remote = n.ws.remote_dir("nodir");
+    // a regular file where the bad route's directory should be
+    fs::write(remote.join("blocker"), b"not a directory").unwrap();
+    let install = "install_command = sha256sum {name} > {name}.installed";
+    let routes = format!(
+        "{}{}",
+        n.route(
+            "^bad-",
+            &format!("dest_dir = {}/blocker/sub\n{install}", remote.display())
+        ),
+        // the default dest dir, as the legacy config gets it
+        n.route("^ok-", install),
+    );
+    let cfg = n.config("", &routes);
+    let mut files: Vec<PathBuf> = (0..6)
+        .map(|i| {
+            n.ws.file(&format!("ok-{i}.tgz"), format!("ok {i}").as_bytes())
+        })
+        .collect();
+    files.insert(3, n.ws.file("bad-1.tgz", b"nowhere to go"));
+    let r = n.dispatch(&cfg, &files).assert_code(1);
+    let rows = servers::results(&r.stdout);
+    assert_eq!(rows.len(), 7, "{r}");
+    for row in &rows {
+        let name = row["file"].as_str().unwrap();
+        if name.starts_with("bad-") {
+            assert_eq!(row["ok"], false, "{row}");
+            let err = row["error"].as_str().unwrap_or_default();
+            assert!(err.contains("cannot create directory"), "{row}");
+            continue;
+        }
+        assert_eq!(row["state"], "installed", "{row}");
+        let path = PathBuf::from(row["remote_path"].as_str().unwrap());
+        let want = format!("ok {}", &name[3..4]);
+        assert_eq!(fs::read(&path).unwrap(), want.as_bytes(), "{row}");
+        let marker = fs::read_to_string(path.with_file_name(format!("{name}.installed"))).unwrap();
+        assert!(marker.contains(name), "{marker}");
+        let dir = path.parent().unwrap();
+        assert!(temps(dir).is_empty(), "{:?}", temps(dir));
+        assert!(
+            walk(dir)
+                .iter()
+                .all(|p| !base(p).starts_with(".dispatch-lock-")),
+            "a lock was left in {}",
+            dir.display()
+        );
+    }
+    assert_eq!(streamed_uploads(&r.stdout), 6, "{r}");
+    assert!(temps(&remote).is_empty(), "{:?}", temps(&remote));
+}
+
+#[test]
+fn a_connection_lost_mid_stream_redoes_the_files_not_yet_in_place_the_plain_way() {
+    let n = net(1);
+    let remote = n.ws.remote_dir("lost");
+    let cfg = n.config(
+        "max_sessions_per_host = 1",
+        &n.route(
+            "^",
+            &format!(
+                "dest_dir = {}\ninstall_command = echo once >> {{name}}.count",
+                remote.display()
+            ),
+        ),
+    );
+    // 1 GiB, sparse: slow enough to send that the connection is cut during
+    // it, with the small files queued behind it in the same pipeline
+    let big = n.ws.file("a-big.bin", b"");
+    fs::File::options()
+        .write(true)
+        .open(&big)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let mut files = vec![big];
+    for i in 0..4 {
+        files.push(n.ws.file(&format!("b-small-{i}"), format!("small {i}").as_bytes()));
+    }
+    let child =
+        n.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(&files)
+            .spawn();
+    let listener = n.hosts[0].pid();
+    servers::poll_until(Duration::from_secs(30), "the big upload under way", || {
+        let t = temps(&remote);
+        t.iter()
+            .any(|p| {
+                fs::metadata(p)
+                    .map(|m| m.len() > (8 << 20))
+                    .unwrap_or(false)
+            })
+            .then_some(())
+    });
+    // cut the session: kill every process serving it (the listener's
+    // descendants: privsep monitor, session child, sftp-server, runner), not
+    // the listener, so the plain path can reconnect
+    let serving = descendants(listener);
+    assert!(!serving.is_empty(), "no session process to kill");
+    for pid in serving {
+        // SAFETY: SIGKILL to a process of this test's own sshd.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    let r = child.wait(Duration::from_secs(120));
+    assert_eq!(r.status, Some(0), "{r}");
+    let rows = servers::results(&r.stdout);
+    assert_eq!(rows.len(), 5, "{r}");
+    for row in &rows {
+        assert_eq!(row["state"], "installed", "{row}");
+        let name = row["file"].as_str().unwrap();
+        let count = fs::read_to_string(remote.join(format!("{name}.count"))).unwrap();
+        assert_eq!(count, "once\n", "{name} installed more than once");
+    }
+    assert_eq!(
+        fs::metadata(remote.join("a-big.bin")).unwrap().len(),
+        1 << 30
+    );
+    for i in 0..4 {
+        let got = fs::read(remote.join(format!("b-small-{i}"))).unwrap();
+        assert_eq!(got, format!("small {i}").as_bytes());
+    }
+    assert!(temps(&remote).is_empty(), "{:?}", temps(&remote));
+    // the first attempt streamed; what it had not placed was redone plainly
+    let events = servers::json_events(&r.stdout);
+    let plain = events
+        .iter()
+        .filter(|v| v["event"] == "uploaded" && v["streamed"] == false)
+        .count();
+    assert!(plain >= 1, "nothing was redone the plain way\n{r}");
+}

@@ -123,6 +123,17 @@ enum Req {
     Loose,
 }
 
+/// A runner on its way: the channel asked for, then the driver started.
+enum Opening {
+    Channel(String),
+    Exec(Channel, String),
+}
+
+/// libssh2's "would block".
+fn would_block(e: &ssh2::Error) -> bool {
+    e.code() == ssh2::ErrorCode::Session(-37)
+}
+
 /// A script on the runner: whose, and since when it is the one running.
 struct RunJob {
     id: u64,
@@ -145,6 +156,9 @@ pub struct Pipeline<'s> {
     /// Files whose data is still to be written, in order.
     sending: VecDeque<u64>,
     runner: Option<(Channel, Vec<u8>)>,
+    /// The runner being started, non-blocking, while files are already sent
+    /// (its two round trips overlap theirs).
+    opening: Option<Opening>,
     run_out: Vec<u8>,
     run_sent: usize,
     run_in: Vec<u8>,
@@ -179,7 +193,10 @@ impl SshSession {
             waiting: HashMap::new(),
             places: HashMap::new(),
             sending: VecDeque::new(),
-            runner: Some(runner),
+            opening: runner
+                .is_none()
+                .then(|| Opening::Channel(crate::transport::random_hex())),
+            runner,
             run_out: Vec::new(),
             run_sent: 0,
             run_in: Vec::new(),
@@ -192,11 +209,12 @@ impl SshSession {
         })
     }
 
-    /// The SFTP channel (after INIT/VERSION, blocking) and the runner.
+    /// The SFTP channel (after INIT/VERSION and, once per session, the
+    /// home directory; blocking) and the session's runner if it has one.
     #[allow(clippy::type_complexity)]
     fn open_pipeline_channels(
         &mut self,
-    ) -> Result<(Channel, bool, (Channel, Vec<u8>)), TransferError> {
+    ) -> Result<(Channel, bool, Option<(Channel, Vec<u8>)>), TransferError> {
         const SFTP: (Protocol, Op) = (Protocol::Sftp, Op::Sftp);
         let mut ch = self
             .sess
@@ -210,46 +228,68 @@ impl SshSession {
         ch.write_all(&out)
             .map_err(|e| self.fail(io_kind(&e), SFTP, "sftp init", e))?;
         let mut replies = Replies::default();
-        let mut buf = [0u8; 4096];
+        // no SFTP here (a subsystem that ends at once): not a broken session
+        let unavailable = |s: &Self, what: String| {
+            s.err(ErrorKind::Unavailable, Protocol::Sftp, Op::Sftp)
+                .step(what)
+        };
         let (version, ext) = loop {
             match replies.version() {
                 Ok(Some(v)) => break v,
                 Ok(None) => {}
-                Err(e) => return Err(self.fail(ErrorKind::Connect, SFTP, "sftp version", e.0)),
+                Err(e) => return Err(unavailable(self, e.0)),
             }
-            match ch.read(&mut buf) {
-                Ok(0) => return Err(self.fail(ErrorKind::Connect, SFTP, "sftp", "closed")),
-                Ok(n) => replies.feed(&buf[..n]),
-                Err(e) => return Err(self.fail(io_kind(&e), SFTP, "sftp version", e)),
-            }
+            self.read_blocking(&mut ch, &mut replies)?;
         };
         if version < 3 {
-            return Err(self
-                .err(ErrorKind::Unavailable, Protocol::Sftp, Op::Sftp)
-                .step(format!("sftp version {version}")));
+            return Err(unavailable(self, format!("sftp version {version}")));
         }
         let posix = ext.iter().any(|e| e == "posix-rename@openssh.com");
-        let runner = match self.driver.take() {
-            Some(r) => r,
-            None => {
-                let nonce = crate::transport::random_hex();
-                let mut ch = self
-                    .sess
-                    .channel_session()
-                    .map_err(|e| self.fail(super::ssh_kind(&e), super::SCRIPT, "open runner", e))?;
-                ch.handle_extended_data(ExtendedData::Merge)
-                    .and_then(|_| ch.exec(&driver_command(&nonce)))
-                    .map_err(|e| {
-                        self.fail(super::ssh_kind(&e), super::SCRIPT, "start runner", e)
-                    })?;
-                (ch, rc_marker(&nonce))
+        if self.home.is_none() {
+            let mut out = Vec::new();
+            let id = Requests::default().realpath(&mut out, ".");
+            ch.write_all(&out)
+                .map_err(|e| self.fail(io_kind(&e), SFTP, "sftp realpath", e))?;
+            let home = loop {
+                match replies.next_reply() {
+                    Ok(Some((rid, Reply::Name(h)))) if rid == id => break h,
+                    Ok(Some(_)) | Err(_) => return Err(unavailable(self, "sftp realpath".into())),
+                    Ok(None) => self.read_blocking(&mut ch, &mut replies)?,
+                }
+            };
+            let home = String::from_utf8(home).unwrap_or_default();
+            if !home.starts_with('/') || home.contains('\n') {
+                return Err(unavailable(self, format!("home directory {home:?}")));
             }
-        };
-        Ok((ch, posix, runner))
+            self.home = Some(home);
+        }
+        Ok((ch, posix, self.driver.take()))
+    }
+}
+
+impl SshSession {
+    /// Read more of the SFTP channel's replies (blocking).
+    fn read_blocking(&self, ch: &mut Channel, replies: &mut Replies) -> Result<(), TransferError> {
+        let mut buf = [0u8; 4096];
+        match ch.read(&mut buf) {
+            Ok(0) => Err(self
+                .err(ErrorKind::Unavailable, Protocol::Sftp, Op::Sftp)
+                .step("the sftp subsystem ended")),
+            Ok(n) => {
+                replies.feed(&buf[..n]);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(io_kind(&e), (Protocol::Sftp, Op::Sftp), "sftp", e)),
+        }
     }
 }
 
 impl Pipeline<'_> {
+    /// The login's home directory, absolute.
+    pub fn home(&self) -> String {
+        self.ssh.home.clone().unwrap_or_default()
+    }
+
     fn req(&mut self, r: Req, id: u32) {
         self.waiting.insert(id, r);
     }
@@ -499,9 +539,39 @@ impl Pipeline<'_> {
         }
     }
 
+    /// One step further in starting the runner (`true`: it moved).
+    fn advance_runner(&mut self) -> Result<bool, TransferError> {
+        let step = match self.opening.take() {
+            None => return Ok(false),
+            Some(Opening::Channel(nonce)) => match self.ssh.sess.channel_session() {
+                Ok(mut ch) => match ch.handle_extended_data(ExtendedData::Merge) {
+                    Ok(()) => Ok((Opening::Exec(ch, nonce), true)),
+                    Err(e) => Err(("runner setup", e)),
+                },
+                Err(e) if would_block(&e) => Ok((Opening::Channel(nonce), false)),
+                Err(e) => Err(("open runner", e)),
+            },
+            Some(Opening::Exec(mut ch, nonce)) => match ch.exec(&driver_command(&nonce)) {
+                Ok(()) => {
+                    self.runner = Some((ch, rc_marker(&nonce)));
+                    return Ok(true);
+                }
+                Err(e) if would_block(&e) => Ok((Opening::Exec(ch, nonce), false)),
+                Err(e) => Err(("start runner", e)),
+            },
+        };
+        match step {
+            Ok((o, moved)) => {
+                self.opening = Some(o);
+                Ok(moved)
+            }
+            Err((what, e)) => Err(self.ssh.fail(super::ssh_kind(&e), super::SCRIPT, what, e)),
+        }
+    }
+
     /// Write what is buffered for both channels, as far as the windows let.
     fn write_out(&mut self) -> Result<bool, TransferError> {
-        let mut moved = false;
+        let mut moved = self.advance_runner()?;
         let (n, r) = write_some(&mut self.sftp, &self.sftp_out[self.sftp_sent..]);
         self.sftp_sent += n;
         moved |= n > 0;
