@@ -20,11 +20,23 @@ use crate::lock::{self, Lock};
 use crate::plan::{Delivery, Step};
 use crate::route::{self, remote_join};
 use crate::script::install_script;
-use crate::transport::ssh::stream::{Done, Pipeline, PlaceJob};
+use crate::transport::ssh::stream::{Content, Done, Pipeline, PlaceJob};
 use crate::transport::TransferError;
 
-/// Files of one lane in flight at once (sent, not yet installed).
-const WINDOW: usize = 32;
+/// Files of one lane in flight at once (admitted, not yet installed): enough
+/// to keep a link of 100 ms busy with small files, whose every step waits
+/// its round trip. Only [`crate::transport::ssh::stream`]'s few files ahead
+/// are open on the host; the rest are a name and a reference here.
+const WINDOW: usize = 512;
+
+/// A package's content, for the pipeline.
+struct Shared(std::sync::Arc<crate::local::LocalFile>);
+
+impl Content for Shared {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0.file, buf, offset)
+    }
+}
 
 /// A delivery in the pipeline.
 struct Flight {
@@ -155,9 +167,6 @@ impl Lane {
         else {
             return Err(Box::new(d));
         };
-        let Ok(fd) = file.file.try_clone() else {
-            return Err(Box::new(d));
-        };
         let dir = route::absolute_dir(&rel, home);
         let tmp_name = crate::transport::temp_name();
         let tmp = remote_join(&dir, &tmp_name);
@@ -183,9 +192,9 @@ impl Lane {
         pipe.mkdir_p(&dir);
         pipe.place(PlaceJob {
             id,
-            file: fd,
             size: file.size,
             mode: file.mode,
+            file: Box::new(Shared(file)),
             dir: dir.clone(),
             tmp_name,
             name: item.name.clone(),
