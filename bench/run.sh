@@ -275,6 +275,25 @@ DISPATCH_BIN=$(readlink -f "$DISPATCH_BIN")
 DISPATCH_SHA=$(sha256sum "$DISPATCH_BIN" | cut -c1-16)
 
 # ---------------------------------------------------------------- hosts: user, keys, sshd per address
+sshd_conf() { # tag address -> what every bench sshd's config holds (no Subsystem line)
+  # Only what a test host needs is set. sshd defaults kept on purpose, because the comparison
+  # depends on them: MaxStartups 10:30:100 (the legacy flood), MaxSessions 10 (multiplexing),
+  # ciphers/KEX (chacha20-poly1305 first), UsePAM no (sshd's built-in default; Debian's shipped
+  # config turns PAM on), LogLevel INFO.
+  cat <<EOF
+Port $PORT
+ListenAddress $2
+HostKey $W/host_ed25519
+PidFile $W/sshd.$1.pid
+AuthorizedKeysFile $W/ak/%u
+StrictModes no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UseDNS no
+EOF
+}
+
 setup_hosts() {
   mkdir -p /run/sshd && chmod 755 /run/sshd
   if id "$BUSER" >/dev/null 2>&1; then
@@ -313,23 +332,7 @@ setup_hosts() {
   fi
   for h in "${HOSTS[@]}"; do
     i=$((i + 1))
-    # Only what a test host needs is set. sshd defaults kept on purpose, because the comparison
-    # depends on them: MaxStartups 10:30:100 (the legacy flood), MaxSessions 10 (multiplexing),
-    # ciphers/KEX (chacha20-poly1305 first), UsePAM no (sshd's built-in default; Debian's shipped
-    # config turns PAM on), LogLevel INFO.
-    cat >"$W/sshd.$i.conf" <<EOF
-Port $PORT
-ListenAddress $h
-HostKey $W/host_ed25519
-PidFile $W/sshd.$i.pid
-AuthorizedKeysFile $W/ak/%u
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin no
-UseDNS no
-Subsystem sftp /usr/lib/openssh/sftp-server
-EOF
+    { sshd_conf "$i" "$h"; echo "Subsystem sftp /usr/lib/openssh/sftp-server"; } >"$W/sshd.$i.conf"
     /usr/sbin/sshd -t -f "$W/sshd.$i.conf" || die "sshd config $i invalid"
     (
       if [ -n "$CG" ]; then echo "$BASHPID" >"$CG/cgroup.procs"; fi
@@ -1294,18 +1297,7 @@ status_callgrind() { # src drop hosts_csv status_addr
 # ---------------------------------------------------------------- more hosts: one sshd per address (bandwidth, fanout)
 start_sshd() { # tag address [netns] [extra sshd_config lines] -> its pid in SSHD_PID (also in PIDS)
   local tag=$1 addr=$2 ns=${3:-} extra=${4:-} cfg=$W/sshd.$1.conf
-  cat >"$cfg" <<EOF
-Port $PORT
-ListenAddress $addr
-HostKey $W/host_ed25519
-PidFile $W/sshd.$tag.pid
-AuthorizedKeysFile $W/ak/%u
-StrictModes no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin no
-UseDNS no
-EOF
+  sshd_conf "$tag" "$addr" >"$cfg"
   if [ -n "$extra" ]; then printf '%s\n' "$extra" >>"$cfg"; fi
   grep -q '^Subsystem' "$cfg" || echo "Subsystem sftp /usr/lib/openssh/sftp-server" >>"$cfg"
   /usr/sbin/sshd -t -f "$cfg" || die "sshd config $cfg invalid"

@@ -88,6 +88,31 @@ impl Net {
     }
 }
 
+/// One host; a config in which `section` sends to `remote/<dir>` and runs
+/// `install`. Returns the net, that remote dir and the config.
+fn one_host(dir: &str, settings: &str, section: &str, install: &str) -> (Net, PathBuf, PathBuf) {
+    let n = net(1);
+    let remote = n.ws.remote_dir(dir);
+    let extra = format!(
+        "dest_dir = {}\ninstall_command = {install}",
+        remote.display()
+    );
+    let cfg = n.config(settings, &n.route(section, &extra));
+    (n, remote, cfg)
+}
+
+/// A sparse package of `len` bytes: quick to make, slow enough to send.
+fn sparse(n: &Net, name: &str, len: u64) -> PathBuf {
+    let f = n.ws.file(name, b"");
+    fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    f
+}
+
 /// Every file below `dir` (not directories), sorted; nothing if it is gone.
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
@@ -746,26 +771,8 @@ fn a_daemon_killed_during_the_install_installs_the_same_upload_on_restart() {
 
 #[test]
 fn ctrl_c_during_a_big_upload_exits_130_and_leaves_nothing_half_done() {
-    let n = net(1);
-    let remote = n.ws.remote_dir("ctrlc");
-    let cfg = n.config(
-        "",
-        &n.route(
-            "^big-",
-            &format!(
-                "dest_dir = {}\ninstall_command = touch {{file}}.done",
-                remote.display()
-            ),
-        ),
-    );
-    // 300 MB, sparse: quick to make, slow enough to send
-    let f = n.ws.file("big-ctrlc.bin", b"");
-    fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(300 << 20)
-        .unwrap();
+    let (n, remote, cfg) = one_host("ctrlc", "", "^big-", "touch {file}.done");
+    let f = sparse(&n, "big-ctrlc.bin", 300 << 20);
     let child =
         n.ws.dispatch()
             .args(["-c", cfg.to_str().unwrap()])
@@ -982,27 +989,15 @@ fn a_file_the_pipeline_cannot_place_goes_the_plain_way_and_the_rest_still_stream
 
 #[test]
 fn a_connection_lost_mid_stream_redoes_the_files_not_yet_in_place_the_plain_way() {
-    let n = net(1);
-    let remote = n.ws.remote_dir("lost");
-    let cfg = n.config(
+    let (n, remote, cfg) = one_host(
+        "lost",
         "max_sessions_per_host = 1",
-        &n.route(
-            "^",
-            &format!(
-                "dest_dir = {}\ninstall_command = echo once >> {{name}}.count",
-                remote.display()
-            ),
-        ),
+        "^",
+        "echo once >> {name}.count",
     );
-    // 1 GiB, sparse: slow enough to send that the connection is cut during
-    // it, with the small files queued behind it in the same pipeline
-    let big = n.ws.file("a-big.bin", b"");
-    fs::File::options()
-        .write(true)
-        .open(&big)
-        .unwrap()
-        .set_len(1 << 30)
-        .unwrap();
+    // 1 GiB: slow enough to send that the connection is cut during it, with
+    // the small files queued behind it in the same pipeline
+    let big = sparse(&n, "a-big.bin", 1 << 30);
     let mut files = vec![big];
     for i in 0..4 {
         files.push(n.ws.file(&format!("b-small-{i}"), format!("small {i}").as_bytes()));
