@@ -139,14 +139,39 @@ impl Requests {
     }
 
     pub fn write(&mut self, out: &mut Vec<u8>, handle: &[u8], offset: u64, data: &[u8]) -> u32 {
+        let r = self.write_with(out, handle, offset, data.len(), |b| {
+            b.copy_from_slice(data);
+            Ok(())
+        });
+        r.unwrap_or_default()
+    }
+
+    /// A write request of `len` bytes that `fill` puts straight into `out`
+    /// (no copy of the data in between); nothing is added if `fill` fails.
+    pub fn write_with(
+        &mut self,
+        out: &mut Vec<u8>,
+        handle: &[u8],
+        offset: u64,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<u32> {
         let id = self.id();
+        let start = out.len();
+        let mut data_at = 0;
         packet(out, WRITE, |b| {
             put_u32(b, id);
             put_str(b, handle);
             b.extend_from_slice(&offset.to_be_bytes());
-            put_str(b, data);
+            put_u32(b, u32::try_from(len).unwrap_or(u32::MAX));
+            data_at = b.len();
+            b.resize(data_at + len, 0);
         });
-        id
+        if let Err(e) = fill(&mut out[data_at..]) {
+            out.truncate(start);
+            return Err(e);
+        }
+        Ok(id)
     }
 
     pub fn fstat(&mut self, out: &mut Vec<u8>, handle: &[u8]) -> u32 {

@@ -799,6 +799,64 @@ fn ctrl_c_during_a_big_upload_exits_130_and_leaves_nothing_half_done() {
     }
 }
 
+/// The same through the pipeline: eight files just small enough to be
+/// streamed, Ctrl-C while the first is being sent. Whatever was in place
+/// before the signal may have been installed (and says so); nothing else
+/// is left on the host, and the journal has no upload in flight.
+#[test]
+fn ctrl_c_while_streaming_exits_130_and_leaves_nothing_half_done() {
+    let (n, remote, cfg) = one_host(
+        "ctrlc-stream",
+        "max_sessions_per_host = 1",
+        "^big-",
+        "touch {file}.done",
+    );
+    let files: Vec<PathBuf> = (0..8)
+        .map(|i| sparse(&n, &format!("big-{i}.bin"), 31 << 20))
+        .collect();
+    let child =
+        n.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(&files)
+            .spawn();
+    servers::poll_until(Duration::from_secs(30), "upload under way", || {
+        (!temps(&remote).is_empty()).then_some(())
+    });
+    child.signal(libc::SIGINT);
+    let r = child.wait(Duration::from_secs(60));
+    assert_eq!(r.status, Some(130), "{r}");
+    assert!(temps(&remote).is_empty(), "{:?}\n{r}", temps(&remote));
+    // all eight were admitted into the pipeline at once (the plain path
+    // starts one upload at a time)
+    let started = servers::json_events(&r.stdout)
+        .iter()
+        .filter(|v| v["event"] == "uploading")
+        .count();
+    assert_eq!(started, 8, "{r}");
+    let rows = servers::results(&r.stdout);
+    let mut stopped = 0;
+    for row in &rows {
+        let name = row["file"].as_str().unwrap();
+        let done = remote.join(format!("{name}.done")).exists();
+        if row["state"] == "installed" {
+            assert!(done, "{row}");
+            assert_eq!(fs::metadata(remote.join(name)).unwrap().len(), 31 << 20);
+        } else {
+            assert!(!done, "{row}");
+            stopped += 1;
+        }
+    }
+    assert!(stopped >= 1, "nothing was stopped by Ctrl-C\n{r}");
+    let h =
+        n.ws.dispatch()
+            .args(["-c", cfg.to_str().unwrap(), "--json", "history"])
+            .run()
+            .assert_code(0);
+    for row in servers::results(&h.stdout) {
+        assert_ne!(row["state"], "uploading", "{row}");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // 12. mode bits
 
@@ -995,9 +1053,10 @@ fn a_connection_lost_mid_stream_redoes_the_files_not_yet_in_place_the_plain_way(
         "^",
         "echo once >> {name}.count",
     );
-    // 1 GiB: slow enough to send that the connection is cut during it, with
-    // the small files queued behind it in the same pipeline
-    let big = sparse(&n, "a-big.bin", 1 << 30);
+    // just below what goes the plain way (32 MiB), slow enough to send that
+    // the connection is cut during it, the small files queued behind it in
+    // the same pipeline
+    let big = sparse(&n, "a-big.bin", 31 << 20);
     let mut files = vec![big];
     for i in 0..4 {
         files.push(n.ws.file(&format!("b-small-{i}"), format!("small {i}").as_bytes()));
@@ -1013,7 +1072,7 @@ fn a_connection_lost_mid_stream_redoes_the_files_not_yet_in_place_the_plain_way(
         t.iter()
             .any(|p| {
                 fs::metadata(p)
-                    .map(|m| m.len() > (8 << 20))
+                    .map(|m| m.len() > (512 << 10))
                     .unwrap_or(false)
             })
             .then_some(())
@@ -1041,7 +1100,7 @@ fn a_connection_lost_mid_stream_redoes_the_files_not_yet_in_place_the_plain_way(
     }
     assert_eq!(
         fs::metadata(remote.join("a-big.bin")).unwrap().len(),
-        1 << 30
+        31 << 20
     );
     for i in 0..4 {
         let got = fs::read(remote.join(format!("b-small-{i}"))).unwrap();
