@@ -773,30 +773,42 @@ fn a_daemon_killed_during_the_install_installs_the_same_upload_on_restart() {
 fn ctrl_c_during_a_big_upload_exits_130_and_leaves_nothing_half_done() {
     let (n, remote, cfg) = one_host("ctrlc", "", "^big-", "touch {file}.done");
     let f = sparse(&n, "big-ctrlc.bin", 300 << 20);
+    let r = ctrl_c_once_under_way(&n, &remote, &cfg, &[f]);
+    assert!(!remote.join("big-ctrlc.bin.done").exists(), "{r}");
+    let rows = history(&n, &cfg);
+    assert!(!rows.is_empty(), "the run is in the journal");
+    for row in &rows {
+        assert_ne!(row["state"], "uploading", "{row}");
+        assert_ne!(row["state"], "installed", "{row}");
+    }
+}
+
+/// `dispatch --json FILES…`, SIGINT once a temporary file is on the host:
+/// it must exit 130 and leave no temporary file.
+fn ctrl_c_once_under_way(n: &Net, remote: &Path, cfg: &Path, files: &[PathBuf]) -> RunResult {
     let child =
         n.ws.dispatch()
-            .args(["-c", cfg.to_str().unwrap()])
-            .arg(&f)
+            .args(["-c", cfg.to_str().unwrap(), "--json"])
+            .args(files)
             .spawn();
     servers::poll_until(Duration::from_secs(30), "upload under way", || {
-        (!temps(&remote).is_empty()).then_some(())
+        (!temps(remote).is_empty()).then_some(())
     });
     child.signal(libc::SIGINT);
     let r = child.wait(Duration::from_secs(60));
     assert_eq!(r.status, Some(130), "{r}");
-    assert!(temps(&remote).is_empty(), "{:?}\n{r}", temps(&remote));
-    assert!(!remote.join("big-ctrlc.bin.done").exists(), "{r}");
+    assert!(temps(remote).is_empty(), "{:?}\n{r}", temps(remote));
+    r
+}
+
+/// The journal's results (`dispatch history`).
+fn history(n: &Net, cfg: &Path) -> Vec<serde_json::Value> {
     let h =
         n.ws.dispatch()
             .args(["-c", cfg.to_str().unwrap(), "--json", "history"])
             .run()
             .assert_code(0);
-    let rows = servers::results(&h.stdout);
-    assert!(!rows.is_empty(), "the run is in the journal\n{h}");
-    for row in &rows {
-        assert_ne!(row["state"], "uploading", "{row}");
-        assert_ne!(row["state"], "installed", "{row}");
-    }
+    servers::results(&h.stdout)
 }
 
 /// The same through the pipeline: eight files just small enough to be
@@ -814,18 +826,7 @@ fn ctrl_c_while_streaming_exits_130_and_leaves_nothing_half_done() {
     let files: Vec<PathBuf> = (0..8)
         .map(|i| sparse(&n, &format!("big-{i}.bin"), 31 << 20))
         .collect();
-    let child =
-        n.ws.dispatch()
-            .args(["-c", cfg.to_str().unwrap(), "--json"])
-            .args(&files)
-            .spawn();
-    servers::poll_until(Duration::from_secs(30), "upload under way", || {
-        (!temps(&remote).is_empty()).then_some(())
-    });
-    child.signal(libc::SIGINT);
-    let r = child.wait(Duration::from_secs(60));
-    assert_eq!(r.status, Some(130), "{r}");
-    assert!(temps(&remote).is_empty(), "{:?}\n{r}", temps(&remote));
+    let r = ctrl_c_once_under_way(&n, &remote, &cfg, &files);
     // all eight were admitted into the pipeline at once (the plain path
     // starts one upload at a time)
     let started = servers::json_events(&r.stdout)
@@ -847,12 +848,7 @@ fn ctrl_c_while_streaming_exits_130_and_leaves_nothing_half_done() {
         }
     }
     assert!(stopped >= 1, "nothing was stopped by Ctrl-C\n{r}");
-    let h =
-        n.ws.dispatch()
-            .args(["-c", cfg.to_str().unwrap(), "--json", "history"])
-            .run()
-            .assert_code(0);
-    for row in servers::results(&h.stdout) {
+    for row in history(&n, &cfg) {
         assert_ne!(row["state"], "uploading", "{row}");
     }
 }
